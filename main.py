@@ -1,0 +1,52 @@
+"""onepfrac-jax entry point: `python main.py --config configs/X.py[:variant] --workdir DIR [--config.key=value ...]`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from onepfrac_jax.config import ConfigError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (path.py[:variant]).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: outputs, checkpoints, logs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+# stage name -> module whose run(config, workdir) executes it
+STAGES = {
+    "generate": "onepfrac_jax.fractals.generate",
+}
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with a config override naming an unknown key turned into one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        key = str(e).strip("\"'")
+        given = next((a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]), key)
+        print(f"error: unknown config key {key!r} in {given}; see the config file for the known keys", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = _CONFIG.value
+    stage = config.get("stage")
+    try:
+        if stage not in STAGES:
+            raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
+        importlib.import_module(STAGES[stage]).run(config, _WORKDIR.value)
+    except ConfigError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,248 @@
+"""Random-access image sources: each item is decoded to a fixed-size uint8 (H, W, 3) image and an int label.
+
+Three kinds, chosen by `make_source` from the dataset name:
+  `imagefolder`  root/<split>/<class>/<image>, as torchvision's ImageFolder (sorted class folders → labels);
+  `tfds:<name>`  a TFDS dataset the user prepared in array_record format, read with `tfds.data_source`;
+  `digits`       scikit-learn's bundled 8×8 handwritten digits, the built-in demo that needs no download.
+Resizing is a plain resize to `image_size`² (aspect ratio not kept, so random crops on the device still see
+the whole image): bicubic for files and TFDS (timm's interpolation), bilinear for the 8×8 digits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import ml_collections
+import numpy as np
+from absl import logging
+from PIL import Image
+
+from onepfrac_jax.config import ConfigError, require
+
+# torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as torchvision does.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+KNOWN_DATASETS = ("imagefolder", "tfds:<name>", "digits")
+DIGITS_TRAIN_FRACTION = 0.8
+
+# PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
+# SyntaxError/ValueError on bad headers, and DecompressionBombError stands alone.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+class Source(Protocol):
+    """What the pipeline needs from a source."""
+
+    image_size: int
+    num_classes: int
+    class_names: tuple[str, ...]
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+def per_class_subset(labels: Sequence[int], fraction: float) -> np.ndarray:
+    """Positions of the first ceil(fraction · n_c) items of every class c, in their original order."""
+    require(0.0 < fraction <= 1.0, f"fraction={fraction} must be in (0, 1]")
+    labels = np.asarray(labels)
+    keep = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        positions = np.flatnonzero(labels == label)
+        keep[positions[: math.ceil(fraction * len(positions))]] = True
+    return np.flatnonzero(keep)
+
+
+def _require_split(split: str, known: tuple[str, ...], dataset: str) -> None:
+    require(split in known, f"{dataset} has no split {split!r}; its splits are {', '.join(known)}")
+
+
+def _as_rgb_array(image: Image.Image, size: int) -> np.ndarray:
+    image = image.convert("RGB")
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(image, dtype=np.uint8)
+
+
+def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Reads an image file as (size, size, 3) uint8; a file PIL cannot decode raises ConfigError naming it."""
+    try:
+        with Image.open(path) as image:
+            # JPEG decoders can scale by 1/2, 1/4, 1/8 while decoding: much faster for large photos, and draft
+            # never goes below the requested size, so the final bicubic resize still does the filtering.
+            image.draft("RGB", (size, size))
+            return _as_rgb_array(image, size)
+    except _DECODE_ERRORS as e:
+        raise ConfigError(f"cannot decode image {path}: {e}") from e
+
+
+def class_folders(root: Path) -> list[str]:
+    """Sorted class folder names under `root`, as torchvision's find_classes (every subdirectory)."""
+    require(root.is_dir(), f"ImageFolder directory {root} does not exist")
+    names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    require(bool(names), f"ImageFolder directory {root} has no class folders (expected {root}/CLASS/IMAGE)")
+    return names
+
+
+def _image_files(folder: Path) -> list[Path]:
+    # torchvision's make_dataset order: os.walk (following links) with sorted directories, sorted names.
+    files = []
+    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+        names = sorted(name for name in filenames if name.lower().endswith(IMG_EXTENSIONS))
+        files.extend(Path(dirpath, name) for name in names)
+    return files
+
+
+class ImageFolderSource:
+    """`root/<class>/<image>` files, labels = index of the class folder among the sorted class names."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        image_size: int,
+        fraction: float = 1.0,
+        class_names: Sequence[str] | None = None,
+    ):
+        """`class_names` pins the labels (e.g. to the train split's) for a split that may lack classes."""
+        require(image_size > 0, f"image_size={image_size} must be positive")
+        self.root = Path(root)
+        self.image_size = image_size
+        found = class_folders(self.root)
+        if class_names is None:
+            class_names = found
+        unknown = sorted(set(found) - set(class_names))
+        require(not unknown, f"{self.root} has class folders not among the training classes: {unknown[:10]}")
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
+        paths, labels = [], []
+        for name in found:
+            files = _image_files(self.root / name)
+            require(bool(files), f"class folder {self.root / name} has no images {IMG_EXTENSIONS}")
+            paths.extend(files)
+            labels.extend([self.class_names.index(name)] * len(files))
+        keep = per_class_subset(labels, fraction)
+        self.paths = [paths[i] for i in keep]
+        self.labels = np.asarray(labels, dtype=np.int32)[keep]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        image = decode_image_file(self.paths[index], self.image_size)
+        return {"image": image, "label": int(self.labels[index])}
+
+    def verify(self, log_every: int = 10_000) -> None:
+        """Decodes every file once; raises one ConfigError listing the files that fail (a start-up check)."""
+        bad = []
+        for i, path in enumerate(self.paths):
+            try:
+                with Image.open(path) as image:
+                    image.load()
+            except _DECODE_ERRORS as e:
+                bad.append(f"{path} ({e})")
+            if (i + 1) % log_every == 0:
+                logging.info("verified %d/%d images under %s", i + 1, len(self.paths), self.root)
+        if bad:
+            shown = "; ".join(bad[:10])
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise ConfigError(f"{len(bad)} unreadable image(s) under {self.root}: {shown}{more}")
+
+
+class DigitsSource:
+    """scikit-learn's handwritten digits: 0..16 scaled to 0..255, bilinear upsampling, 3 equal channels.
+
+    Split: the first 80% in scikit-learn's order is `train`, the rest `val` (the two parts come mostly from
+    different writers, as in scikit-learn's own digits example).
+    """
+
+    def __init__(self, split: str, image_size: int, fraction: float = 1.0):
+        from sklearn.datasets import load_digits
+
+        _require_split(split, ("train", "val"), "digits")
+        require(image_size > 0, f"image_size={image_size} must be positive")
+        digits = load_digits()
+        images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        cut = int(DIGITS_TRAIN_FRACTION * len(images))
+        part = slice(None, cut) if split == "train" else slice(cut, None)
+        images, labels = images[part], digits.target[part].astype(np.int32)
+        keep = per_class_subset(labels, fraction)
+        self.images, self.labels = images[keep], labels[keep]
+        self.image_size = image_size
+        self.class_names = tuple(str(name) for name in digits.target_names)
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        size = self.image_size
+        small = Image.fromarray(self.images[index])
+        image = np.asarray(small.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+        return {"image": np.repeat(image[:, :, None], 3, axis=2), "label": int(self.labels[index])}
+
+
+class TfdsSource:
+    """A prepared TFDS dataset in array_record format, read by `tfds.data_source` (no TensorFlow needed)."""
+
+    def __init__(self, name: str, split: str, image_size: int, data_dir: str | None = None):
+        try:
+            import tensorflow_datasets as tfds
+        except ImportError as e:
+            raise ConfigError(
+                f"dataset 'tfds:{name}' needs tensorflow-datasets: pip install tensorflow-datasets "
+                "(reading array_record datasets does not need TensorFlow)"
+            ) from e
+        require(image_size > 0, f"image_size={image_size} must be positive")
+        try:
+            self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+        except Exception as e:  # tfds raises many unrelated types here; the message is what users need
+            raise ConfigError(
+                f"cannot open TFDS dataset {name!r} split {split!r} in data_dir={data_dir!r}: {e} — prepare "
+                f"it once with `tfds build {name} --file_format=array_record --data_dir=DIR`"
+            ) from e
+        features = self._data.dataset_info.features
+        missing = {"image", "label"} - set(features.keys())
+        require(not missing, f"TFDS dataset {name!r} has no {sorted(missing)} feature(s)")
+        names = getattr(features["label"], "names", None)
+        require(names is not None, f"TFDS dataset {name!r}: feature 'label' is not a ClassLabel")
+        self.image_size = image_size
+        self.class_names = tuple(names)
+        self.num_classes = len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self._data[index]
+        image = example["image"]
+        if image.ndim == 2 or image.shape[-1] == 1:
+            image = Image.fromarray(image.reshape(image.shape[:2]))
+        else:
+            image = Image.fromarray(image[:, :, :3])
+        return {"image": _as_rgb_array(image, self.image_size), "label": int(example["label"])}
+
+
+def make_source(section: ml_collections.ConfigDict, split: str) -> Source:
+    """The source for `section.name` and `split`.
+
+    Keys read: name, image_size, data_dir (imagefolder, tfds), fraction (default 1.0; applied to the `train`
+    split only, as a per-class subset of the first ceil(fraction · n) items in sorted file / dataset order).
+    """
+    name = section.name
+    fraction = section.get("fraction", 1.0) if split == "train" else 1.0
+    if name == "imagefolder":
+        data_dir = Path(section.data_dir)
+        train_dir = data_dir / "train"
+        # Every split labels its folders by the train split's classes, so a val tree missing a class
+        # (or listing them in another order) cannot silently shift the labels.
+        names = class_folders(train_dir) if split != "train" and train_dir.is_dir() else None
+        return ImageFolderSource(data_dir / split, section.image_size, fraction, names)
+    if name == "digits":
+        return DigitsSource(split, section.image_size, fraction)
+    if name.startswith("tfds:") and len(name) > len("tfds:"):
+        require(fraction == 1.0, f"fraction={fraction} is supported for imagefolder and digits, not {name}")
+        return TfdsSource(name[len("tfds:") :], split, section.image_size, section.get("data_dir") or None)
+    raise ConfigError(f"unknown dataset name {name!r}; known: {', '.join(KNOWN_DATASETS)}")

@@ -1,0 +1,322 @@
+"""Host sources (ImageFolder, digits, TFDS) and the grain pipeline that turns them into global batches."""
+
+import sys
+from pathlib import Path
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from PIL import Image
+
+from onepfrac_jax.config import ConfigError
+from onepfrac_jax.data import pipeline, sources
+
+# Each class's images are one flat colour, so a decoded image tells which class folder it came from.
+COLOURS = {"ant": (200, 30, 30), "bee": (30, 200, 30), "cat": (90, 90, 90)}
+
+
+def _save(path: Path, colour, size, mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    value = colour[0] if mode == "L" else colour
+    Image.new(mode, size, value).save(path)
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """root/{train,val}/<class>/...: PNG and JPEG of several sizes, grayscale, RGBA, nested, non-images."""
+    root = tmp_path / "data"
+    train = root / "train"
+    _save(train / "bee" / "b1.png", COLOURS["bee"], (10, 7))
+    _save(train / "bee" / "b0.JPG", COLOURS["bee"], (31, 17))
+    _save(train / "bee" / "sub" / "b2.png", COLOURS["bee"], (5, 5), "RGBA")
+    _save(train / "ant" / "a0.jpeg", COLOURS["ant"], (40, 30))
+    _save(train / "ant" / "a1.bmp", COLOURS["ant"], (12, 12))
+    _save(train / "cat" / "c0.png", COLOURS["cat"], (9, 13), "L")
+    (train / "cat" / "notes.txt").write_text("not an image")
+    (train / "stray.png").write_bytes(b"files beside the class folders are ignored")
+    _save(root / "val" / "cat" / "v0.png", COLOURS["cat"], (20, 20), "L")
+    _save(root / "val" / "bee" / "v1.png", COLOURS["bee"], (20, 20))
+    return root
+
+
+def test_imagefolder_labels_follow_sorted_class_names_and_images_are_fixed_size(tree):
+    source = sources.ImageFolderSource(tree / "train", image_size=12)
+    assert source.class_names == ("ant", "bee", "cat") and source.num_classes == 3
+    assert [p.name for p in source.paths] == ["a0.jpeg", "a1.bmp", "b0.JPG", "b1.png", "b2.png", "c0.png"]
+    assert len(source) == 6
+    for i in range(len(source)):
+        item = source[i]
+        image, name = item["image"], source.class_names[item["label"]]
+        assert image.shape == (12, 12, 3) and image.dtype == np.uint8
+        np.testing.assert_allclose(image.reshape(-1, 3).mean(0), COLOURS[name], atol=3)
+    grey = source[5]["image"]
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+
+
+def test_imagefolder_val_split_keeps_train_labels(tree):
+    section = ml_collections.ConfigDict({"name": "imagefolder", "data_dir": str(tree), "image_size": 8})
+    val = sources.make_source(section, "val")
+    assert val.class_names == ("ant", "bee", "cat")
+    assert [val[i]["label"] for i in range(len(val))] == [1, 2]
+    (tree / "val" / "dog").mkdir()
+    _save(tree / "val" / "dog" / "d.png", (1, 2, 3), (4, 4))
+    with pytest.raises(ConfigError, match="dog"):
+        sources.make_source(section, "val")
+
+
+@pytest.mark.parametrize(
+    ("breakage", "names"),
+    [
+        ("missing", "nowhere"),
+        ("empty", "train"),
+        ("class_without_images", "cat"),
+    ],
+)
+def test_imagefolder_bad_trees_name_the_path(tree, breakage, names):
+    root = tree / "train"
+    if breakage == "missing":
+        root = tree / "nowhere"
+    elif breakage == "empty":
+        for path in sorted(root.rglob("*"), key=lambda p: -len(p.parts)):
+            path.rmdir() if path.is_dir() else path.unlink()
+    else:
+        (root / "cat" / "c0.png").unlink()
+    with pytest.raises(ConfigError, match=names):
+        sources.ImageFolderSource(root, image_size=8)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_image_raises_on_read_naming_the_file(tree, damage):
+    bad = tree / "train" / "ant" / "a2.png"
+    if damage == "garbage":
+        bad.write_bytes(b"\x89PNG but not really")
+    else:
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:400])
+    source = sources.ImageFolderSource(tree / "train", image_size=8)
+    position = [p.name for p in source.paths].index("a2.png")
+    assert source[0]["label"] == 0  # the good files still read
+    with pytest.raises(ConfigError, match=r"a2\.png"):
+        source[position]
+    with pytest.raises(ConfigError, match=r"1 unreadable image.*a2\.png"):
+        source.verify()
+    # Through the threaded grain pipeline the error still names the file.
+    dataset = pipeline.eval_dataset(source, global_batch=len(source), rows=np.arange(len(source)))
+    with pytest.raises(ConfigError, match=r"a2\.png"):
+        next(pipeline.host_iterator(dataset))
+
+
+def test_fraction_is_a_deterministic_per_class_prefix(tmp_path):
+    for c, count in (("x", 10), ("y", 3)):
+        for i in range(count):
+            _save(tmp_path / c / f"{i:02d}.png", (i, i, i), (4, 4))
+    subset = sources.ImageFolderSource(tmp_path, image_size=4, fraction=0.25)
+    kept = [f"{p.parent.name}/{p.name}" for p in subset.paths]
+    assert kept == ["x/00.png", "x/01.png", "x/02.png", "y/00.png"]
+    assert subset.labels.tolist() == [0, 0, 0, 1]
+    np.testing.assert_array_equal(sources.per_class_subset([1, 0, 1, 1, 0, 2], 0.5), [0, 1, 2, 5])
+    with pytest.raises(ConfigError, match="fraction"):
+        sources.per_class_subset([0, 1], 0.0)
+
+
+def test_make_source_fraction_applies_to_train_only_and_unknown_names_fail():
+    section = ml_collections.ConfigDict({"name": "digits", "image_size": 8, "fraction": 0.1})
+    train, val = sources.make_source(section, "train"), sources.make_source(section, "val")
+    per_class = np.bincount(sources.DigitsSource("train", 8).labels)
+    assert len(train) == sum(np.ceil(per_class / 10).astype(int))
+    assert len(val) == len(sources.DigitsSource("val", 8))
+    section.name = "cifar"
+    with pytest.raises(ConfigError, match=r"imagefolder, tfds:<name>, digits"):
+        sources.make_source(section, "train")
+    with pytest.raises(ConfigError, match="splits are train, val"):
+        sources.DigitsSource("test", 8)
+
+
+def test_tfds_without_the_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
+    section = ml_collections.ConfigDict({"name": "tfds:cifar100", "image_size": 32})
+    with pytest.raises(ConfigError, match="pip install tensorflow-datasets"):
+        sources.make_source(section, "train")
+
+
+def test_digits_are_uint8_rgb_with_ten_classes():
+    train, val = sources.DigitsSource("train", 16), sources.DigitsSource("val", 16)
+    assert len(train) + len(val) == 1797 and len(val) == 360
+    assert train.num_classes == 10 and set(val.labels.tolist()) == set(range(10))
+    images = np.stack([train[i]["image"] for i in range(50)])
+    assert images.shape == (50, 16, 16, 3) and images.dtype == np.uint8
+    assert images.min() == 0 and images.max() == 255
+    assert (images[..., 0] == images[..., 2]).all()
+
+
+@pytest.fixture(scope="module")
+def tfds_dir(tmp_path_factory) -> Path:
+    """A tiny array_record TFDS dataset built locally; image pixel value = 40 · label + 10."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path_factory.mktemp("tfds")
+
+    class OnepfracTiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            features = tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(None, None, 3)),
+                "label": tfds.features.ClassLabel(names=["zero", "one", "two"]),
+            })
+            return tfds.core.DatasetInfo(builder=self, features=features)
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(7), "test": self._generate_examples(4)}
+
+        def _generate_examples(self, n):
+            # PIL images are encoded by PIL; numpy ones would need TensorFlow's PNG encoder.
+            for i in range(n):
+                image = np.full((5 + i, 9, 3), 40 * (i % 3) + 10, np.uint8)
+                yield i, {"image": Image.fromarray(image), "label": i % 3}
+
+    OnepfracTiny(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+    return data_dir
+
+
+def test_tfds_source_reads_a_prepared_array_record_dataset(tfds_dir):
+    fields = {"name": "tfds:onepfrac_tiny", "data_dir": str(tfds_dir), "image_size": 6}
+    section = ml_collections.ConfigDict(fields)
+    train, test = sources.make_source(section, "train"), sources.make_source(section, "test")
+    assert (len(train), len(test)) == (7, 4) and train.class_names == ("zero", "one", "two")
+    labels = []
+    for i in range(len(train)):
+        item = train[i]
+        assert item["image"].shape == (6, 6, 3) and item["image"].dtype == np.uint8
+        assert (item["image"] == 40 * item["label"] + 10).all()
+        labels.append(item["label"])
+    assert sorted(labels) == [0, 0, 0, 1, 1, 2, 2]
+    with pytest.raises(ConfigError, match="validation"):
+        sources.make_source(section, "validation")
+    section.name = "tfds:onepfrac_missing"
+    with pytest.raises(ConfigError, match="tfds build onepfrac_missing"):
+        sources.make_source(section, "train")
+
+
+class _Numbered:
+    """In-memory source whose image i is filled with i, so a batch shows which examples it holds."""
+
+    image_size = 2
+    num_classes = 5
+    class_names = ("a", "b", "c", "d", "e")
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        return {"image": np.full((2, 2, 3), i, np.uint8), "label": i % 5}
+
+
+def _ids(batch) -> list[int]:
+    return np.asarray(batch["image"])[:, 0, 0, 0].tolist()
+
+
+def _train(seed=0, n=23, global_batch=6, index=0, count=1):
+    rows = pipeline.process_rows(global_batch, process_index=index, process_count=count)
+    return pipeline.train_dataset(_Numbered(n), seed=seed, global_batch=global_batch, rows=rows)
+
+
+def test_train_stream_is_a_function_of_seed_and_step_with_epoch_reshuffles():
+    ds, again, other = _train(seed=3), _train(seed=3), _train(seed=4)
+    assert pipeline.steps_per_epoch(23, 6) == 3
+    steps = [_ids(ds[s]) for s in range(9)]
+    assert steps == [_ids(again[s]) for s in range(9)]
+    assert steps != [_ids(other[s]) for s in range(9)]
+    # Seeds are hashed: seed 4 must not replay seed 3's second epoch (grain reseeds epoch e with seed + e).
+    assert steps[3:6] != [_ids(other[s]) for s in range(3)]
+    epochs = [[i for step in steps[3 * e : 3 * e + 3] for i in step] for e in range(3)]
+    for epoch in epochs:  # 18 of the 23 examples, each at most once; the other 5 are dropped this epoch
+        assert len(set(epoch)) == 18 and set(epoch) <= set(range(23))
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2]
+    assert np.asarray(ds[4]["index"]).tolist() == list(range(24, 30))
+    np.testing.assert_array_equal(ds[4]["label"], np.asarray(_ids(ds[4])) % 5)
+
+
+@pytest.mark.parametrize("count", [2, 3])
+def test_one_process_equals_the_union_of_simulated_processes(count):
+    whole = _train(seed=1)
+    parts = [_train(seed=1, index=p, count=count) for p in range(count)]
+    for step in (0, 2, 7):
+        for key in ("image", "label", "index"):
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, whole[step][key])
+
+
+def test_threaded_host_iterator_matches_random_access():
+    ds = _train(seed=2)
+    stream = pipeline.host_iterator(ds, start=5, num_threads=2, prefetch_batches=3)
+    assert [_ids(next(stream)) for _ in range(4)] == [_ids(ds[s]) for s in range(5, 9)]
+    stream.close()
+
+
+@pytest.fixture(scope="module")
+def sharding() -> NamedSharding:
+    return NamedSharding(jax.make_mesh((4,), ("data",)), P("data"))
+
+
+def test_train_iterator_yields_sharded_global_batches_and_resumes(sharding):
+    source = _Numbered(23)
+    it = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding)
+    first = [next(it) for _ in range(7)]
+    assert [step for step, _ in first] == list(range(7)) and it.get_state() == {"step": 7}
+    step, batch = first[0]
+    assert batch["image"].shape == (8, 2, 2, 3) and batch["image"].dtype == np.uint8
+    assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
+    assert batch["image"].sharding == sharding and len(batch["image"].addressable_shards) == 4
+    assert {shard.data.shape[0] for shard in batch["index"].addressable_shards} == {2}
+    expected = _train(seed=5, global_batch=8)
+    assert all(_ids(b) == _ids(expected[s]) for s, b in first)
+
+    resumed = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding, start_step=3)
+    restored = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding)
+    restored.set_state({"step": 3})
+    for s in range(3, 7):
+        for again in (resumed, restored):
+            step, batch = next(again)
+            assert step == s and _ids(batch) == _ids(first[s][1])
+            np.testing.assert_array_equal(batch["index"], first[s][1]["index"])
+    for iterator in (it, resumed, restored):
+        iterator.close()
+
+
+def test_eval_covers_every_example_once(sharding):
+    source = _Numbered(23)
+    batches = list(pipeline.eval_batches(source, global_batch=8, sharding=sharding))
+    assert len(batches) == 3 and batches[-1]["mask"].sharding == sharding
+    masks = np.concatenate([np.asarray(b["mask"]) for b in batches])
+    ids = np.concatenate([_ids(b) for b in batches])
+    assert masks.sum() == 23 and sorted(ids[masks].tolist()) == list(range(23))
+    assert not masks[23:].any() and (ids[~masks] == 0).all()
+    halves = [pipeline.process_rows(8, process_index=p, process_count=2) for p in range(2)]
+    parts = [pipeline.eval_dataset(source, global_batch=8, rows=rows) for rows in halves]
+    joined = np.concatenate([np.concatenate([part[k]["mask"] for part in parts]) for k in range(3)])
+    np.testing.assert_array_equal(joined, masks)
+
+
+def test_pipeline_rejects_impossible_batches(sharding):
+    with pytest.raises(ConfigError, match="fewer than one global batch"):
+        pipeline.steps_per_epoch(5, 8)
+    with pytest.raises(ConfigError, match="not divisible by 3 processes"):
+        pipeline.process_rows(8, process_index=0, process_count=3)
+    with pytest.raises(ConfigError, match="cannot be split over the mesh"):
+        pipeline.process_rows(6, sharding=sharding)
+
+
+def test_digits_through_the_pipeline(sharding):
+    source = sources.DigitsSource("val", 8)
+    it = pipeline.TrainIterator(source, seed=0, global_batch=16, sharding=sharding)
+    _, batch = next(it)
+    it.close()
+    labels = np.asarray(batch["label"])
+    assert batch["image"].shape == (16, 8, 8, 3) and ((labels >= 0) & (labels < 10)).all()
+    assert np.asarray(batch["index"]).tolist() == list(range(16))
