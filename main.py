@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging as logging_std
 import sys
 
 from absl import app, flags, logging
@@ -19,6 +20,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 # stage name -> module whose run(config, workdir) executes it
 STAGES = {
     "generate": "onepfrac_jax.fractals.generate",
+    "pretrain": "onepfrac_jax.train.pretrain",
 }
 
 
@@ -33,7 +35,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(2)
 
 
+def _quiet_libraries(record: logging_std.LogRecord) -> bool:
+    """Orbax logs every save step at INFO through absl; keep its warnings, drop the rest."""
+    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
+    logging.get_absl_handler().addFilter(_quiet_libraries)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value

@@ -30,7 +30,9 @@ _REDRAW_PER_DEVICE = 8
 class BankSpec:
     """Everything that determines a bank (the generate / pre-train config's fractal fields)."""
 
-    seed: int = 0
+    # 11: chosen from seeds 0-15 by rendering 64 classes each: no class fails the fill check and the classes
+    # keep the base shape (median IoU 0.43 with it at 256²) — the paper's "one fractal" look.
+    seed: int = 11
     num_classes: int = 1000
     num_maps: int = 2
     sigma: float = 3.5  # σ₀: σ ~ U(σ₀ − 0.1, σ₀ + 0.1); smaller = more complex shape

@@ -1,0 +1,341 @@
+"""The one training loop every stage runs: a jitted, data-parallel step over a `data` mesh, Orbax resume.
+
+A stage describes itself as a `Task` (how to initialise, make a batch on device, compute the loss, evaluate and
+export); this module owns everything else: run directory, mesh, optimizer, precision, checkpoints, metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import struct
+
+from onepfrac_jax.config import ConfigError, require, require_choice, to_json
+from onepfrac_jax.train import optim
+from onepfrac_jax.train.checkpoint import Checkpoints
+from onepfrac_jax.train.mesh import Mesh, make_data_mesh, replicated
+from onepfrac_jax.train.metrics import MetricWriter
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Keys that may differ between a run's saved config and the command that resumes it.
+_RUN_CONTROL_KEYS = ("resume", "overwrite")
+# float16 dynamic loss scaling: start high, halve on overflow, double after this many finite steps.
+_INITIAL_LOSS_SCALE = 2.0**15
+_LOSS_SCALE_PERIOD = 2000
+# Independent key streams folded from the seed: per-step keys, parameter init; stages use numbers from 2 up.
+_STEP_STREAM, _INIT_STREAM = 0, 1
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+    """The key of one independent random stream of a run."""
+    return jax.random.fold_in(jax.random.key(seed), stream)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; main.py prints it as one line and exits non-zero."""
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    extra: Any  # non-trainable collections, e.g. {'batch_stats': ...}
+    loss_scale: jax.Array  # float16's dynamic loss scale; stays 1 for float32 / bfloat16
+    good_steps: jax.Array  # finite steps since the loss scale last changed
+
+
+@dataclasses.dataclass
+class Task:
+    """What a stage plugs into the loop."""
+
+    init_variables: Callable[[jax.Array], dict]  # key -> {'params': ..., other collections}
+    make_batch: Callable[[jax.Array, Any, jax.Array], dict]  # (key, host inputs, step) -> batch, traced in jit
+    loss_fn: Callable[..., tuple[jax.Array, tuple[dict, Any]]]  # (params, extra, batch, key) -> loss, (metrics, extra)
+    inputs: Callable[[int], Iterator[Any]]  # first step -> one host-input item per step (None when on-device only)
+    evaluate: Callable[[TrainState], dict[str, float]] | None  # full validation pass -> metrics
+    export: Callable[[TrainState, Path], dict] | None  # writes workdir/export, returns {name: path}
+    total_steps: int
+    steps_per_epoch: int
+    global_batch: int
+    eval_every_steps: int = 0  # 0: only at the end (when evaluate is set)
+    metric_names: tuple[str, ...] = ("loss",)  # loss metrics logged (means over the interval)
+    eval_names: tuple[str, ...] = ()  # evaluate()'s keys, also CSV columns
+    optimizer_labels: Callable[[Any], Any] | None = None  # params -> label tree: one optimizer per label
+
+
+def default_train_config(config: ml_collections.ConfigDict) -> None:
+    """Adds the loop's fields to a stage config."""
+    config.seed = 0  # every random draw of training (init, data order, augmentation, dropout) derives from it
+    config.batch_size = 256  # global batch over all devices and processes
+    config.total_steps = -1  # -1: derive from num_epochs
+    config.num_epochs = 1.0
+    config.dtype = "float32"  # computation dtype: float32 | bfloat16 | float16 (dynamic loss scaling); params f32
+    config.optim = optim.default_optim_config()
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.eval_every_steps = 0  # 0: once per epoch where the stage evaluates
+    config.resume = False  # continue the run in workdir even though its config differs
+    config.overwrite = False  # delete what workdir holds and start afresh
+
+
+def validate_train_config(config: ml_collections.ConfigDict) -> None:
+    require(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
+    devices = jax.device_count()
+    require(config.batch_size % devices == 0,
+            f"batch_size={config.batch_size} is not divisible by the {devices} devices of all processes")
+    require_choice("dtype", config.dtype, tuple(DTYPES))
+    require(config.total_steps == -1 or config.total_steps > 0, f"total_steps={config.total_steps} must be > 0")
+    require(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be > 0")
+    require(config.log_every_steps > 0, f"log_every_steps={config.log_every_steps} must be > 0")
+    require(config.checkpoint_every_steps > 0, f"checkpoint_every_steps={config.checkpoint_every_steps} must be > 0")
+    require(config.keep_checkpoints > 0, f"keep_checkpoints={config.keep_checkpoints} must be > 0")
+    optim.validate(config.optim)
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+    if config.total_steps > 0:
+        return config.total_steps
+    return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+
+
+def _comparable(config_json: str) -> dict:
+    data = json.loads(config_json)
+    return {k: v for k, v in data.items() if k not in _RUN_CONTROL_KEYS}
+
+
+def prepare_run_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[Path, bool]:
+    """Returns (path, resuming). Refuses to mix runs: a different config needs resume=True, a stranger overwrite."""
+    path = Path(workdir)
+    require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
+    saved = path / "config.json"
+    if path.exists() and any(path.iterdir()):
+        if config.overwrite:
+            if jax.process_index() == 0:
+                shutil.rmtree(path)
+        elif not saved.exists():
+            raise ConfigError(f"workdir {path} is not empty and holds no run; pass --config.overwrite=True to "
+                              f"delete its contents")
+        else:
+            differs = _comparable(saved.read_text()) != _comparable(to_json(config))
+            if differs and not config.resume:
+                old, new = _comparable(saved.read_text()), _comparable(to_json(config))
+                keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+                raise ConfigError(f"workdir {path} holds a run with a different config (differs in: "
+                                  f"{', '.join(keys)}); pass --config.resume=True to continue it with this config, "
+                                  f"or --config.overwrite=True to start afresh")
+            return path, True
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"workdir {path} cannot be created: {e.strerror}") from e
+    return path, False
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _build_optimizer(task: Task, config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+    lr = optim.schedule(config.optim, task.total_steps, task.steps_per_epoch, task.global_batch)
+    tx = optim.make_optimizer(config.optim, lr)
+    if task.optimizer_labels is not None:
+        # Separate optimizer states per model (Bootstrapping's joint mode): same settings, own moments.
+        tx = optax.multi_transform({"vit": tx, "agent": tx}, task.optimizer_labels)
+    return tx, lr
+
+
+def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Schedule, seed: int,
+                     dynamic_scaling: bool) -> Callable:
+    step_stream = stream_key(seed, _STEP_STREAM)
+
+    def train_step(state: TrainState, inputs: Any) -> tuple[TrainState, dict]:
+        key = jax.random.fold_in(step_stream, state.step)
+        data_key, model_key = jax.random.split(key)
+        batch = task.make_batch(data_key, inputs, state.step)
+
+        def scaled(params):
+            loss, (metrics, extra) = task.loss_fn(params, state.extra, batch, model_key)
+            return loss * state.loss_scale, (loss, metrics, extra)
+
+        grads, (loss, metrics, extra) = jax.grad(scaled, has_aux=True)(state.params)
+        grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        if dynamic_scaling:
+            finite = _all_finite(grads)
+            keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
+            grow = finite & (state.good_steps + 1 >= _LOSS_SCALE_PERIOD)
+            new = new.replace(
+                params=keep(new.params, state.params),
+                opt_state=keep(new.opt_state, state.opt_state),
+                extra=keep(new.extra, state.extra),
+                loss_scale=jnp.where(finite, jnp.where(grow, state.loss_scale * 2, state.loss_scale),
+                                     jnp.maximum(state.loss_scale / 2, 1.0)),
+                good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0),
+            )
+            metrics = {**metrics, "loss_scale": state.loss_scale}
+        return new, {**metrics, "loss": loss, "lr": lr(state.step)}
+
+    return train_step
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
+    """Initial state, replicated over the mesh."""
+
+    def init() -> TrainState:
+        variables = task.init_variables(stream_key(seed, _INIT_STREAM))
+        params = variables["params"]
+        extra = {k: v for k, v in variables.items() if k != "params"}
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra,
+                          loss_scale=jnp.ones((), jnp.float32), good_steps=jnp.zeros((), jnp.int32))
+
+    return jax.jit(init, out_shardings=replicated(mesh))()
+
+
+class _Stop:
+    """SIGTERM asks the loop to checkpoint and leave at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> TrainState:
+    """Runs (or resumes) the task to `task.total_steps`; returns the final state."""
+    # ---- run directory -------------------------------------------------------------------------------------
+    path, resuming = prepare_run_dir(config, workdir)
+    main_process = jax.process_index() == 0
+    if main_process:
+        (path / "config.json").write_text(to_json(config))
+    mesh = make_data_mesh() if mesh is None else mesh
+    logging.info("mesh: %d devices over %d processes, global batch %d", mesh.devices.size, jax.process_count(),
+                 task.global_batch)
+
+    # ---- model, optimizer, state ---------------------------------------------------------------------------
+    tx, lr = _build_optimizer(task, config)
+    state = init_state(task, tx, config.seed, mesh)
+    if config.dtype == "float16":
+        state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
+    num_params = sum(x.size for x in jax.tree.leaves(state.params))
+    logging.info("%s parameters", f"{num_params:,}")
+
+    # ---- checkpoints: resume where a previous process left off ----------------------------------------------
+    checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
+    start = 0
+    if resuming and checkpoints.latest_step() is not None:
+        state, data = checkpoints.restore(checkpoints.latest_step(), state)
+        start = int(data["step"])
+        logging.info("resumed from %s at step %d", path / "checkpoints", start)
+    require(start <= task.total_steps, f"the run in {path} is at step {start}, past total_steps={task.total_steps}")
+
+    # ---- the update step -------------------------------------------------------------------------------------
+    step_fn = jax.jit(
+        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+    writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", *task.eval_names], task.total_steps,
+                          enabled=main_process, resume=resuming)
+    writer.truncate_after(start)
+    eval_every = task.eval_every_steps or config.eval_every_steps or task.steps_per_epoch
+
+    # ---- the loop ----------------------------------------------------------------------------------------------
+    stop = _Stop()
+    pending: list[tuple[int, dict]] = []
+    last_saved = start if start > 0 else None
+    tick, wait, interval_start = time.perf_counter(), 0.0, start
+
+    def flush(step: int) -> dict[str, float]:
+        """Fetches the metrics of the steps since the last flush; stops on a non-finite loss."""
+        nonlocal pending
+        fetched = [(s, jax.device_get(m)) for s, m in pending]
+        pending = []
+        for s, m in fetched:
+            if not np.isfinite(m["loss"]):
+                where = f"checkpoint at step {last_saved}" if last_saved is not None else "no checkpoint yet"
+                raise NonFiniteLossError(f"loss is {m['loss']} at step {s}; last good {where} in "
+                                         f"{path / 'checkpoints'}")
+        return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]} if fetched else {}
+
+    def save(step: int) -> None:
+        nonlocal last_saved
+        checkpoints.save(step, state, {"step": step})
+        last_saved = step
+
+    inputs = task.inputs(start)
+    try:
+        for step in range(start, task.total_steps):
+            t0 = time.perf_counter()
+            item = next(inputs)
+            wait += time.perf_counter() - t0
+            state, metrics = step_fn(state, item)
+            pending.append((step + 1, metrics))
+            done = step + 1
+            row: dict[str, float] = {}
+            if done % config.log_every_steps == 0 or done == task.total_steps:
+                row = flush(done)
+                elapsed = time.perf_counter() - tick
+                row["images_per_s"] = (done - interval_start) * task.global_batch / elapsed
+                row["input_wait"] = wait / elapsed
+                tick, wait, interval_start = time.perf_counter(), 0.0, done
+            if task.evaluate is not None and (done % eval_every == 0 or done == task.total_steps):
+                row.update(task.evaluate(state))
+            if row:
+                writer.write(done, row)
+                writer.progress(done, {k: v for k, v in row.items() if k in (*task.metric_names, "lr",
+                                                                                "images_per_s", *task.eval_names)})
+            if done % config.checkpoint_every_steps == 0 or done == task.total_steps:
+                flush(done)
+                save(done)
+            if stop.requested:
+                flush(done)
+                save(done)
+                checkpoints.wait()
+                logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done, path / "checkpoints")
+                break
+    finally:
+        stop.restore()
+        checkpoints.close()
+        writer.close()
+
+    if not stop.requested and task.export is not None and main_process:
+        for name, file in task.export(state, path / "export").items():
+            print(f"{name}: {file}")
+    return state
+
+
+def load_latest_variables(workdir: Path) -> dict:
+    """The latest checkpoint's params and other collections as NumPy arrays, without rebuilding the optimizer."""
+    import orbax.checkpoint as ocp
+
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
+    step = manager.latest_step()
+    if step is None:
+        raise ConfigError(f"{workdir} holds no checkpoint")
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    state = restored.state
+    return {"params": state["params"], **state["extra"]}

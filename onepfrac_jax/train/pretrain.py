@@ -1,0 +1,97 @@
+"""The pre-train stage: a ViT classifies the L classes of a 1p-frac bank rendered on the device.
+
+No host input at all: step s's global batch is examples s·B … s·B + B − 1 of a stream in which every epoch is a
+keyed permutation of the L classes, so the batch is a pure function of (seed, step) on any device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from onepfrac_jax.config import require, require_choice
+from onepfrac_jax.data.augment import augment_batch, augment_config
+from onepfrac_jax.fractals import render
+from onepfrac_jax.fractals.bank import BankSpec, build_bank
+from onepfrac_jax.train import classify, loop
+from onepfrac_jax.train.mesh import data_sharding, make_data_mesh, replicated
+
+DATA_MODES = ("bank", "fresh")
+# Pre-train fields named after BankSpec's differ in two places: the bank has its own seed and render size.
+_RENAMED = {"seed": "fractal_seed", "image_size": "render_size"}
+_ORDER_STREAM = 2
+
+
+def bank_spec(config: ml_collections.ConfigDict) -> BankSpec:
+    return BankSpec(**{f.name: config[_RENAMED.get(f.name, f.name)] for f in dataclasses.fields(BankSpec)})
+
+
+def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, batch: int) -> jax.Array:
+    """Labels of global examples `indices` (consecutive): example g is position g mod L of epoch g // L's permutation."""
+    first_epoch = indices[0] // num_classes
+    spanned = math.ceil(batch / num_classes) + 1  # a batch touches at most this many epochs
+    epochs = first_epoch + jnp.arange(spanned)
+    perms = jax.vmap(lambda e: jax.random.permutation(jax.random.fold_in(order_key, e), num_classes))(epochs)
+    return perms[indices // num_classes - first_epoch, indices % num_classes]
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
+    # ---- config ------------------------------------------------------------------------------------------------
+    spec = bank_spec(config)
+    spec.validate()
+    loop.validate_train_config(config)
+    classify.validate_model_fields(config)
+    require_choice("data_mode", config.data_mode, DATA_MODES)
+    require(config.image_size >= 16, f"image_size={config.image_size} must be ≥ 16")
+    augment = augment_config(config.augment)
+    require(augment.size == config.image_size,
+            f"augment.size={augment.size} must equal image_size={config.image_size}")
+    model = classify.build_vit(config, spec.num_classes)
+    mesh = make_data_mesh()
+    batch = config.batch_size
+    steps_per_epoch = spec.num_classes / batch  # the seeds' epoch is one pass over the L images
+    total = loop.total_steps(config, steps_per_epoch)
+
+    # ---- the bank, rendered once on the devices, then replicated so every device gathers locally -------------
+    bank = build_bank(spec, mesh, progress=lambda line: logging.info("bank: %s", line))
+    images = jax.device_put(bank.images, replicated(mesh))
+    class_params = jax.device_put(jnp.asarray(bank.class_params), replicated(mesh))
+    probs = jnp.asarray(bank.probs)
+    render_one = functools.partial(render.render, image_size=spec.image_size, pad=spec.pad,
+                                   num_points=spec.num_points, draw_mode=spec.draw_mode)
+
+    order_key = loop.stream_key(config.seed, _ORDER_STREAM)  # epoch permutations: a stream of their own
+
+    def make_batch(key, inputs, step):
+        render_key, augment_key = jax.random.split(key)
+        indices = step * batch + jnp.arange(batch, dtype=jnp.int32)
+        indices = jax.lax.with_sharding_constraint(indices, data_sharding(mesh))
+        labels = epoch_labels(order_key, indices, spec.num_classes, batch)
+        if config.data_mode == "bank":
+            gray = images[labels]
+        else:  # fresh chaos-game points for every sample, keyed by its global index
+            keys = jax.vmap(lambda i: jax.random.fold_in(render_key, i))(indices)
+            gray = jax.vmap(lambda p, k: render_one(p[None], probs, k)[0][0])(class_params[labels], keys)
+        rgb = jnp.repeat(gray[..., None], 3, axis=-1)
+        x, targets = augment_batch(augment, augment_key, rgb, labels, indices, spec.num_classes, model.dtype)
+        return {"image": x, "target": targets}
+
+    task = loop.Task(
+        init_variables=lambda key: model.init(key, jnp.zeros((1, config.image_size, config.image_size, 3))),
+        make_batch=make_batch,
+        loss_fn=classify.soft_target_loss(model),
+        inputs=lambda start: itertools.repeat(None),
+        evaluate=None,
+        export=classify.make_export(model, augment),
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=batch,
+    )
+    return loop.train(task, config, workdir, mesh)
