@@ -1,0 +1,244 @@
+"""Flax `ViT` ⇄ timm `VisionTransformer` weights.
+
+The ViT is built in timm's layout, so conversion is a renaming plus two transposes:
+Dense kernels (in, out) ↔ Linear weights (out, in), and the patch conv kernel (p, p, 3, D) ↔ (D, 3, p, p).
+Positional embeddings are never resized: a checkpoint whose patch grid differs from the model's is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors.flax
+import safetensors.numpy
+from flax import traverse_util
+
+from onepfrac_jax.models.vit import ViT, init_head
+
+log = logging.getLogger(__name__)
+
+# timm architectures with exactly the same block structure as `ViT`, keyed by (patch, dim, depth, heads, mlp).
+_TIMM_ARCHS = {
+    (16, 192, 12, 3, 768): "vit_tiny_patch16_224",
+    (8, 384, 12, 6, 1536): "vit_small_patch8_224",
+    (16, 384, 12, 6, 1536): "vit_small_patch16_224",
+    (32, 384, 12, 6, 1536): "vit_small_patch32_224",
+    (8, 768, 12, 12, 3072): "vit_base_patch8_224",
+    (16, 768, 12, 12, 3072): "vit_base_patch16_224",
+    (32, 768, 12, 12, 3072): "vit_base_patch32_224",
+    (16, 1024, 24, 16, 4096): "vit_large_patch16_224",
+    (32, 1024, 24, 16, 4096): "vit_large_patch32_224",
+}
+_FALLBACK_ARCH = "vit_base_patch16_224"  # every dimension is overridden by the kwargs anyway
+_HEAD_KEYS = ("head.weight", "head.bias")
+
+
+def _timm_key(path: tuple[str, ...]) -> str:
+    """Flax path ('blocks_3', 'attn', 'qkv', 'kernel') → timm key 'blocks.3.attn.qkv.weight'."""
+    parts = [re.sub(r"^blocks_(\d+)$", r"blocks.\1", p) for p in path]
+    if parts[-1] in ("kernel", "scale"):
+        parts[-1] = "weight"
+    return ".".join(parts)
+
+
+def _timm_axes(path: tuple[str, ...], ndim: int) -> tuple[int, ...]:
+    """Axis order taking a Flax param to its timm tensor: conv HWIO → OIHW, dense (in, out) → (out, in)."""
+    if path[-1] != "kernel":
+        return tuple(range(ndim))
+    return (3, 2, 0, 1) if ndim == 4 else (1, 0)
+
+
+def _param_shapes(model: ViT) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flattened param shapes of `model`, without allocating any weights."""
+    x = jax.ShapeDtypeStruct((1, model.img_size, model.img_size, 3), jnp.float32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)["params"]
+    return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(shapes).items()}
+
+
+def flax_to_timm_state_dict(params: Mapping[str, Any], model: ViT) -> dict[str, np.ndarray]:
+    """timm state dict (float32 numpy) of the Flax ViT `params` (the tree under 'params')."""
+    flat = traverse_util.flatten_dict(dict(params))
+    expected = _param_shapes(model)
+    got = {k: tuple(np.shape(v)) for k, v in flat.items()}
+    if got != expected:
+        bad = sorted("/".join(k) for k in set(got) ^ set(expected))
+        bad += sorted(f"{'/'.join(k)}: {got[k]} vs model {expected[k]}"
+                      for k in set(got) & set(expected) if got[k] != expected[k])
+        raise ValueError(f"params do not match the model {model}: {'; '.join(bad)}")
+    # timm models are float32; bfloat16 params (if any) also have no plain-numpy dtype.
+    host = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
+    return {_timm_key(k): np.ascontiguousarray(v.transpose(_timm_axes(k, v.ndim))) for k, v in host.items()}
+
+
+def _mlp_ratio(embed_dim: int, mlp_dim: int) -> float:
+    """A float r with timm's int(embed_dim * r) == mlp_dim (timm stores the hidden width only as a ratio)."""
+    ratio = mlp_dim / embed_dim
+    if int(embed_dim * ratio) != mlp_dim:
+        # The rounded ratio fell just short (e.g. 369/90); one ulp up always lands in [mlp_dim, mlp_dim + 1),
+        # since embed_dim * ulp(ratio) ≈ mlp_dim * 2^-52.
+        ratio = float(np.nextafter(ratio, math.inf))
+    return ratio
+
+
+def timm_config(model: ViT, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """The `timm.json` content: `timm.create_model(cfg['model_name'], **cfg['kwargs'])` rebuilds `model`."""
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"mean and std need 3 channel values, got mean={mean}, std={std}")
+    mean, std = [float(m) for m in mean], [float(s) for s in std]
+    key = (model.patch_size, model.embed_dim, model.depth, model.num_heads, model.mlp_dim)
+    kwargs = {
+        "num_classes": model.num_classes,
+        "img_size": model.img_size,
+        "patch_size": model.patch_size,
+        "in_chans": 3,
+        "embed_dim": model.embed_dim,
+        "depth": model.depth,
+        "num_heads": model.num_heads,
+        "mlp_ratio": _mlp_ratio(model.embed_dim, model.mlp_dim),
+        "qkv_bias": True,
+        "class_token": True,
+        "global_pool": "token",
+        "no_embed_class": False,
+        "pre_norm": False,
+        "final_norm": True,
+        "drop_rate": 0.0,
+        "pos_drop_rate": model.drop_rate,
+        "proj_drop_rate": model.drop_rate,
+        "attn_drop_rate": model.attn_drop_rate,
+        "drop_path_rate": model.drop_path_rate,
+        # Lets timm.data.resolve_data_config(model=...) find the training normalisation and input size.
+        "pretrained_cfg_overlay": {
+            "mean": mean,
+            "std": std,
+            "input_size": [3, model.img_size, model.img_size],
+            "num_classes": model.num_classes,
+        },
+    }
+    return {"model_name": _TIMM_ARCHS.get(key, _FALLBACK_ARCH), "kwargs": kwargs, "mean": mean, "std": std}
+
+
+def export_vit(
+    params: Mapping[str, Any],
+    model: ViT,
+    out_dir: str | os.PathLike,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    overwrite: bool = False,
+) -> dict[str, Path]:
+    """Write model.safetensors, model.pth (a plain state dict) and timm.json; return their paths by kind."""
+    config = timm_config(model, mean, std)
+    state_dict = flax_to_timm_state_dict(params, model)
+    out = Path(out_dir)
+    paths = {"safetensors": out / "model.safetensors", "pth": out / "model.pth", "json": out / "timm.json"}
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"export would overwrite {existing}; pass overwrite=True to replace them")
+    out.mkdir(parents=True, exist_ok=True)
+
+    safetensors.numpy.save_file(state_dict, paths["safetensors"], metadata={"format": "pt"})
+    try:
+        import torch
+    except ImportError:
+        warnings.warn("torch is not installed: wrote model.safetensors and timm.json but no model.pth",
+                      stacklevel=2)
+        del paths["pth"]
+    else:
+        torch.save({k: torch.tensor(v) for k, v in state_dict.items()}, paths["pth"])  # copies: v may be read-only
+    paths["json"].write_text(json.dumps(config, indent=2) + "\n")
+    return paths
+
+
+def _read_state_dict(path: Path) -> Mapping[str, Any]:
+    if path.suffix == ".safetensors":
+        try:
+            return safetensors.numpy.load_file(path)
+        except TypeError:  # bfloat16 tensors, which numpy lacks; JAX arrays hold them
+            return safetensors.flax.load_file(path)
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs PyTorch (pip install torch); .safetensors does not") from e
+    # The 1p-frac/DeiT checkpoints also pickle the training `args` Namespace beside the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict"):
+        if isinstance(ckpt.get(wrapper), Mapping):
+            return ckpt[wrapper]
+    return ckpt
+
+
+def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor; numpy has no bfloat16, so go through float32
+        x = x.detach().cpu().float().numpy()
+    return np.array(x, dtype=dtype)  # a copy: safetensors arrays may be views of a memory-mapped file
+
+
+def _check_keys(state_dict: Mapping[str, Any], wanted: Mapping[str, tuple[int, ...]], source: str,
+                model: ViT) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped key."""
+    shape = {k: tuple(v.shape) for k, v in state_dict.items()}
+    lines = [f"  missing: {k}" for k in sorted(set(wanted) - set(shape))]
+    lines += [f"  unexpected: {k}" for k in sorted(set(shape) - set(wanted))]
+    lines += [f"  shape mismatch: {k}: checkpoint {shape[k]} vs model {wanted[k]}"
+              for k in sorted(set(wanted) & set(shape)) if shape[k] != wanted[k]]
+    if not lines:
+        return
+    if "pos_embed" in shape and shape["pos_embed"] != wanted["pos_embed"]:
+        lines.append("  (pos_embed holds another patch grid: build the ViT with the checkpoint's img_size "
+                     "and patch_size; positions are never resized)")
+    raise ValueError("\n".join([f"{source} does not fit {model}:", *lines]))
+
+
+def load_timm_weights(
+    path_or_state_dict: str | os.PathLike | Mapping[str, Any],
+    model: ViT,
+    *,
+    rng: jax.Array | None = None,
+) -> dict[str, Any]:
+    """Flax params for `model` from a timm state dict, .safetensors, or .pth (a state dict or {'model': sd})."""
+    # A head of another class count (or none) is re-initialised from `rng` (default key 0); any other missing,
+    # unexpected or mis-shaped key is an error.
+    if isinstance(path_or_state_dict, Mapping):
+        source = "state dict"
+        state_dict = dict(path_or_state_dict)
+    else:
+        source = str(path_or_state_dict)
+        state_dict = dict(_read_state_dict(Path(path_or_state_dict)))
+    if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP-wrapped model
+        state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+    shapes = _param_shapes(model)
+    paths = {_timm_key(k): k for k in shapes}
+    wanted = {key: tuple(shapes[p][a] for a in _timm_axes(p, len(shapes[p]))) for key, p in paths.items()}
+    head = state_dict.get("head.weight")
+    fresh_head = model.num_classes == 0 or head is None or tuple(head.shape) != wanted["head.weight"]
+    if fresh_head:
+        got = "no head" if head is None else f"a head of shape {tuple(head.shape)}"
+        log.info("%s has %s, model has %d classes: the head is not loaded", source, got, model.num_classes)
+        for key in _HEAD_KEYS:
+            state_dict.pop(key, None)
+            wanted.pop(key, None)
+    _check_keys(state_dict, wanted, source, model)
+
+    flat = {}
+    for key, shape in wanted.items():
+        inverse = np.argsort(_timm_axes(paths[key], len(shape)))
+        value = _to_numpy(state_dict[key], model.param_dtype)
+        flat[paths[key]] = np.ascontiguousarray(value.transpose(inverse))
+    if fresh_head and model.num_classes > 0:
+        head = init_head(model, jax.random.key(0) if rng is None else rng)
+        flat.update({("head", k): np.asarray(v) for k, v in head.items()})
+    return traverse_util.unflatten_dict(flat)

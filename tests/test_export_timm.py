@@ -1,0 +1,182 @@
+"""Flax ViT ⇄ timm: numerics against real timm, exact round trips, the export directory, import errors."""
+
+import argparse
+import json
+import sys
+
+import jax
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+
+from onepfrac_jax.export.timm import export_vit, flax_to_timm_state_dict, load_timm_weights, timm_config
+from onepfrac_jax.models import ViT, create_vit
+from onepfrac_jax.models.vit import init_head
+
+TINY = create_vit("vit_tiny_patch16_224")
+# A hidden width whose plain ratio 369/90 does not survive timm's int(dim * mlp_ratio).
+FREE = create_vit(img_size=64, patch_size=8, embed_dim=90, depth=3, num_heads=3, mlp_dim=369, num_classes=10)
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+
+
+def _timm_model(model: ViT, seed: int = 0) -> torch.nn.Module:
+    """timm's twin of `model` with every tensor perturbed, so LayerNorm affines and biases matter too."""
+    cfg = timm_config(model, MEAN, STD)
+    torch.manual_seed(seed)
+    net = timm.create_model(cfg["model_name"], pretrained=False, **cfg["kwargs"]).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def _numpy_sd(net: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+def _images(model: ViT, n: int = 2) -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(n, model.img_size, model.img_size, 3)).astype(np.float32)
+
+
+def _flax_logits(model: ViT, params, x: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(model.apply)({"params": params}, x))
+
+
+def _timm_logits(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return net(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+
+
+@pytest.fixture(scope="module")
+def free_timm() -> torch.nn.Module:
+    return _timm_model(FREE)
+
+
+@pytest.mark.parametrize("model", [TINY, FREE], ids=["vit_tiny_patch16_224", "free_dims_64px"])
+def test_timm_weights_give_timm_logits_and_round_trip_exactly(model):
+    net = _timm_model(model)
+    sd = _numpy_sd(net)
+    params = load_timm_weights(sd, model)
+    x = _images(model)
+    reference = _timm_logits(net, x)
+    assert np.abs(reference).max() > 0.5  # the comparison is not between near-zero outputs
+    np.testing.assert_allclose(_flax_logits(model, params, x), reference, rtol=0, atol=1e-4)
+    back = flax_to_timm_state_dict(params, model)
+    assert back.keys() == sd.keys()
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and np.array_equal(back[k], sd[k]), k
+
+
+def test_config_names_and_mlp_ratio():
+    assert int(90 * (369 / 90)) != 369
+    assert timm_config(TINY, MEAN, STD)["model_name"] == "vit_tiny_patch16_224"
+    assert timm_config(create_vit("vit_base_patch16_224", patch_size=32), MEAN, STD)["model_name"] == (
+        "vit_base_patch32_224")
+    free = timm_config(FREE, MEAN, STD)
+    assert free["model_name"] == "vit_base_patch16_224"
+    assert int(90 * free["kwargs"]["mlp_ratio"]) == 369
+    with pytest.raises(ValueError, match="3 channel values"):
+        timm_config(FREE, (0.5,), STD)
+
+
+def test_export_dir_loads_strictly_in_timm(tmp_path, free_timm):
+    params = load_timm_weights(_numpy_sd(free_timm), FREE)
+    paths = export_vit(params, FREE, tmp_path / "export", MEAN, STD)
+    assert sorted(p.name for p in paths.values()) == ["model.pth", "model.safetensors", "timm.json"]
+    assert len(list((tmp_path / "export").iterdir())) == 3
+    cfg = json.loads(paths["json"].read_text())
+    assert cfg["mean"] == list(MEAN) and cfg["std"] == list(STD)
+    x = _images(FREE)
+    expected = _flax_logits(FREE, params, x)
+    pth, st = torch.load(paths["pth"], weights_only=True), safetensors.torch.load_file(paths["safetensors"])
+    for weights in (pth, st):
+        net = timm.create_model(cfg["model_name"], pretrained=False, **cfg["kwargs"]).eval()
+        net.load_state_dict(weights, strict=True)
+        np.testing.assert_allclose(_timm_logits(net, x), expected, rtol=0, atol=1e-4)
+    assert net.blocks[0].mlp.fc1.out_features == 369
+    data_cfg = timm.data.resolve_data_config({}, model=net)
+    assert tuple(data_cfg["mean"]) == MEAN and tuple(data_cfg["std"]) == STD
+    assert tuple(data_cfg["input_size"]) == (3, 64, 64)
+    # The exported files import back to the same Flax params, bit for bit.
+    for path in (paths["pth"], paths["safetensors"]):
+        jax.tree.map(np.testing.assert_array_equal, load_timm_weights(path, FREE), params)
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        export_vit(params, FREE, tmp_path / "export", MEAN, STD)
+    export_vit(params, FREE, tmp_path / "export", MEAN, STD, overwrite=True)
+
+
+def test_export_without_torch_writes_safetensors_and_json(tmp_path, monkeypatch, free_timm):
+    params = load_timm_weights(_numpy_sd(free_timm), FREE)
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.warns(UserWarning, match="no model.pth"):
+        paths = export_vit(params, FREE, tmp_path, MEAN, STD)
+    assert set(paths) == {"safetensors", "json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "timm.json"]
+
+
+def test_wrapped_checkpoint_with_training_args_imports(tmp_path, free_timm):
+    """The 1p-frac authors publish {'model': state_dict, 'args': Namespace, ...}; DDP adds 'module.'."""
+    sd = free_timm.state_dict()
+    args = argparse.Namespace(lr=1e-3, model="vit_tiny_patch16_224")
+    torch.save({"model": sd, "args": args, "epoch": 3}, tmp_path / "a.pth")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in sd.items()}}, tmp_path / "b.pth")
+    expected = load_timm_weights(_numpy_sd(free_timm), FREE)
+    for name in ("a.pth", "b.pth"):
+        jax.tree.map(np.testing.assert_array_equal, load_timm_weights(tmp_path / name, FREE), expected)
+
+
+def test_bfloat16_checkpoints_import_as_float32(tmp_path, free_timm):
+    bf16 = {k: v.to(torch.bfloat16) for k, v in free_timm.state_dict().items()}
+    safetensors.torch.save_file(bf16, tmp_path / "bf16.safetensors")
+    torch.save(bf16, tmp_path / "bf16.pth")
+    expected = load_timm_weights({k: v.float().numpy() for k, v in bf16.items()}, FREE)
+    for name in ("bf16.safetensors", "bf16.pth"):
+        params = load_timm_weights(tmp_path / name, FREE)
+        assert params["pos_embed"].dtype == np.float32
+        jax.tree.map(np.testing.assert_array_equal, params, expected)
+
+
+def test_head_is_reinitialised_when_class_count_differs(free_timm):
+    sd = _numpy_sd(free_timm)
+    loaded = load_timm_weights(sd, FREE)
+    seven = FREE.clone(num_classes=7)
+    params = load_timm_weights(sd, seven, rng=jax.random.key(5))
+    assert params["head"]["kernel"].shape == (90, 7) and not params["head"]["bias"].any()
+    assert 0.015 < params["head"]["kernel"].std() < 0.025  # ViT's head init: normal(0.02), zero bias
+    jax.tree.map(np.testing.assert_array_equal, params["head"], init_head(seven, jax.random.key(5)))
+    for k in loaded:
+        if k != "head":
+            jax.tree.map(np.testing.assert_array_equal, params[k], loaded[k])
+    headless = FREE.clone(num_classes=0)
+    features = load_timm_weights(sd, headless)
+    assert "head" not in features
+    # A headless checkpoint into a model with a head: the head is new, the rest loads.
+    no_head_sd = flax_to_timm_state_dict(features, headless)
+    assert load_timm_weights(no_head_sd, FREE)["head"]["kernel"].shape == (90, 10)
+
+
+def test_mismatched_keys_are_all_listed_in_one_error(free_timm):
+    sd = _numpy_sd(free_timm)
+    del sd["blocks.0.norm1.weight"]
+    sd["dist_token"] = np.zeros((1, 1, 90), np.float32)
+    sd["blocks.1.mlp.fc1.weight"] = np.zeros((368, 90), np.float32)
+    with pytest.raises(ValueError) as err:
+        load_timm_weights(sd, FREE)
+    message = str(err.value)
+    assert "missing: blocks.0.norm1.weight" in message
+    assert "unexpected: dist_token" in message
+    assert "shape mismatch: blocks.1.mlp.fc1.weight: checkpoint (368, 90) vs model (369, 90)" in message
+
+
+def test_other_patch_grid_is_a_clear_error(free_timm):
+    grid_error = r"pos_embed: checkpoint \(1, 65, 90\) vs model \(1, 17, 90\)[\s\S]*another patch grid"
+    with pytest.raises(ValueError, match=grid_error):
+        load_timm_weights(_numpy_sd(free_timm), FREE.clone(img_size=32))
+
+
+def test_export_rejects_params_of_another_model(free_timm):
+    params = load_timm_weights(_numpy_sd(free_timm), FREE)
+    with pytest.raises(ValueError, match="blocks_0/mlp/fc1/kernel"):
+        flax_to_timm_state_dict(params, FREE.clone(mlp_dim=368))
