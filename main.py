@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.train.loop import NonFiniteLossError
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (path.py[:variant]).", lock_config=True
@@ -21,6 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 STAGES = {
     "generate": "onepfrac_jax.fractals.generate",
     "pretrain": "onepfrac_jax.train.pretrain",
+    "finetune": "onepfrac_jax.train.finetune",
+    "demo": "onepfrac_jax.demo",
 }
 
 
@@ -54,6 +57,10 @@ def main(argv: list[str]) -> None:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        logging.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

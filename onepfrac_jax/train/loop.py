@@ -274,7 +274,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mes
         fetched = [(s, jax.device_get(m)) for s, m in pending]
         pending = []
         for s, m in fetched:
-            if not np.isfinite(m["loss"]):
+            # Under float16 scaling an overflow only skips that step and halves the scale; it is fatal once the
+            # scale has bottomed out at 1.
+            if not np.isfinite(m["loss"]) and m.get("loss_scale", 1.0) <= 1.0:
                 where = f"checkpoint at step {last_saved}" if last_saved is not None else "no checkpoint yet"
                 raise NonFiniteLossError(f"loss is {m['loss']} at step {s}; last good {where} in "
                                          f"{path / 'checkpoints'}")

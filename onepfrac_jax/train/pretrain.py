@@ -21,7 +21,7 @@ from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.fractals import render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
 from onepfrac_jax.train import classify, loop
-from onepfrac_jax.train.mesh import data_sharding, make_data_mesh, replicated
+from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh, replicated
 
 DATA_MODES = ("bank", "fresh")
 # Pre-train fields named after BankSpec's differ in two places: the bank has its own seed and render size.
@@ -42,7 +42,7 @@ def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, bat
     return perms[indices // num_classes - first_epoch, indices % num_classes]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.TrainState:
     # ---- config ------------------------------------------------------------------------------------------------
     spec = bank_spec(config)
     spec.validate()
@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
     require(augment.size == config.image_size,
             f"augment.size={augment.size} must equal image_size={config.image_size}")
     model = classify.build_vit(config, spec.num_classes)
-    mesh = make_data_mesh()
+    mesh = make_data_mesh() if mesh is None else mesh
     batch = config.batch_size
     steps_per_epoch = spec.num_classes / batch  # the seeds' epoch is one pass over the L images
     total = loop.total_steps(config, steps_per_epoch)

@@ -1,0 +1,284 @@
+"""The bootstrapping stage (SPEC §B): a ViT trained beside a CNN agent whose inductive bias it learns.
+
+mode `joint`: two models, each with its own optimizer state (optax.multi_transform over the labels 'vit' and
+'agent'), updated in one jitted step. The step differentiates loss_vit + loss_cnn; every teacher side is
+stop-gradient inside the losses, so each model receives exactly the gradient of its own loss.
+mode `shared`: one parameter tree and one optimizer; the agent's convs and MLPs are computed from the ViT's
+weights (models.agent.SharedAgent), so the agent's losses also train the ViT.
+
+Params are {'vit': ..., 'agent': ...} in both modes; the agent's BatchNorm statistics travel as `batch_stats`.
+The hint weight's decay factor max(0, 1 − epoch / epochs) is computed from the step inside the jitted step.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from onepfrac_jax.config import ConfigError, require, require_choice
+from onepfrac_jax.data import pipeline
+from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
+from onepfrac_jax.data.sources import Source, make_source
+from onepfrac_jax.export.agent import export_agent
+from onepfrac_jax.export.timm import export_vit
+from onepfrac_jax.models.agent import AGENT_PRESETS, Agent, SharedAgent, create_agent
+from onepfrac_jax.models.vit import ViT
+from onepfrac_jax.train import classify, loop
+from onepfrac_jax.train.losses import (
+    BootstrapLossWeights,
+    hint_decay,
+    hint_losses,
+    joint_losses,
+    shared_loss,
+    top1_correct,
+)
+from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
+
+MODES = ("joint", "shared")
+PAPER_WEIGHTS = {"joint": BootstrapLossWeights.JOINT, "shared": BootstrapLossWeights.SHARED}
+WEIGHT_FIELDS = ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn", "hint")
+# Agent dimensions the config may override; -1 keeps the preset's value.
+AGENT_DIMS = ("embed_dim", "depth", "num_heads")
+TERMS = ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn", "hint")
+METRICS = {"joint": ("loss", "loss_vit", "loss_cnn", *TERMS, "hint_decay"), "shared": ("loss", *TERMS, "hint_decay")}
+EVAL_NAMES = ("val_top1_vit", "val_top1_agent")
+
+
+def loss_weights(config: ml_collections.ConfigDict) -> BootstrapLossWeights:
+    """The configured weights; a weight of -1 takes the mode's paper value."""
+    paper = PAPER_WEIGHTS[config.mode]
+    weights = {f: getattr(paper, f) if config.loss[f] == -1 else float(config.loss[f]) for f in WEIGHT_FIELDS}
+    try:
+        return BootstrapLossWeights(**weights, temperature=float(config.loss.temperature))
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from e
+
+
+def hint_layers(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
+    """The hinted block indices; None (every block) when the config lists none."""
+    layers = tuple(config.loss.hint_layers)
+    require(all(isinstance(i, int) for i in layers), f"loss.hint_layers={layers} must be block indices (ints)")
+    return layers or None
+
+
+def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[ViT, Agent | SharedAgent]:
+    """The ViT and the agent (a SharedAgent in shared mode); ConfigError unless they pair for the mode's losses."""
+    vit = classify.build_vit(config, num_classes)
+    a = config.agent
+    require(a.preset in AGENT_PRESETS, f"agent.preset={a.preset!r} is not one of {', '.join(sorted(AGENT_PRESETS))}")
+    shared = config.mode == "shared"
+    # The shared agent's MLP is the ViT's, so it takes the ViT's dropout; the authors' own agents use 0.1.
+    default_dropout = vit.drop_rate if shared else 0.1
+    overrides = {name: a[name] for name in AGENT_DIMS if a[name] > 0}
+    try:
+        agent = create_agent(
+            a.preset, shared=shared, num_classes=num_classes, dtype=vit.dtype,
+            patch_size=a.patch_size if a.patch_size > 0 else vit.patch_size,
+            dropout=a.dropout if a.dropout >= 0 else default_dropout,
+            down_sample_layers=tuple(a.down_sample_layers), **overrides,
+        )
+    except ValueError as e:
+        raise ConfigError(f"agent: {e}") from e
+    check_pair(config, vit, agent)
+    return vit, agent
+
+
+def _describe(name: str, width: int, depth: int, heads: int) -> str:
+    return f"{name} (width {width}, {depth} blocks, {heads} heads)"
+
+
+def check_pair(config: ml_collections.ConfigDict, vit: ViT, agent: Agent | SharedAgent) -> None:
+    """ConfigError, naming both models, unless the agent can share the ViT's weights and be its hint teacher."""
+    names = (f"agent {_describe(config.agent.preset, agent.embed_dim, agent.depth, agent.num_heads)} and ViT "
+             f"{_describe(config.model, vit.embed_dim, vit.depth, vit.num_heads)}")
+    if isinstance(agent, SharedAgent):
+        ours, theirs = (agent.embed_dim, agent.depth, agent.num_heads), (vit.embed_dim, vit.depth, vit.num_heads)
+        require(ours == theirs, f"mode=shared computes agent block i from ViT layer i, so width, block count and "
+                                f"heads must be equal: {names} differ")
+    images = jnp.zeros((1, config.image_size, config.image_size, 3))
+
+    def hint_shapes(key: jax.Array) -> jax.Array:
+        vit_params = vit.init(key, images)["params"]
+        args = (images, vit_params) if isinstance(agent, SharedAgent) else (images,)
+        _, vit_blocks = vit.apply({"params": vit_params}, images, return_blocks=True)
+        _, cnn_blocks = agent.apply(agent.init(key, *args, train=False), *args, train=False, return_blocks=True)
+        return hint_losses(vit_blocks, cnn_blocks, hint_layers(config))
+
+    try:
+        jax.eval_shape(hint_shapes, jax.random.key(0))
+    except ValueError as e:
+        raise ConfigError(f"{names} cannot be paired for the hint loss: {e}") from e
+
+
+def init_variables(vit: ViT, agent: Agent | SharedAgent, image_size: int) -> Callable[[jax.Array], dict]:
+    """key -> {'params': {'vit', 'agent'}, 'batch_stats': the agent's BatchNorm statistics}."""
+
+    def init(key: jax.Array) -> dict:
+        vit_key, agent_key = jax.random.split(key)
+        images = jnp.zeros((1, image_size, image_size, 3))
+        vit_params = vit.init(vit_key, images)["params"]
+        args = (images, vit_params) if isinstance(agent, SharedAgent) else (images,)
+        variables = agent.init(agent_key, *args, train=False)
+        return {"params": {"vit": vit_params, "agent": variables["params"]}, "batch_stats": variables["batch_stats"]}
+
+    return init
+
+
+def _agent_args(agent: Agent | SharedAgent, images: jax.Array, params: dict) -> tuple:
+    return (images, params["vit"]) if isinstance(agent, SharedAgent) else (images,)
+
+
+def make_loss_fn(vit: ViT, agent: Agent | SharedAgent, weights: BootstrapLossWeights,
+                 layers: tuple[int, ...] | None) -> Callable:
+    """The Task loss: both models forward in training mode, then the mode's losses (the terms are metrics)."""
+    shared = isinstance(agent, SharedAgent)
+
+    def loss_fn(params, extra, batch, key):
+        dropout_key, path_key, agent_key = jax.random.split(key, 3)
+        vit_logits, vit_blocks = vit.apply({"params": params["vit"]}, batch["image"], train=True, return_blocks=True,
+                                           rngs={"dropout": dropout_key, "drop_path": path_key})
+        (cnn_logits, cnn_blocks), updated = agent.apply(
+            {"params": params["agent"], "batch_stats": extra["batch_stats"]},
+            *_agent_args(agent, batch["image"], params), train=True, return_blocks=True,
+            rngs={"dropout": agent_key}, mutable=["batch_stats"],
+        )
+        losses = shared_loss if shared else joint_losses
+        terms = losses(vit_logits, cnn_logits, batch["target"], vit_blocks, cnn_blocks, batch["decay"], weights, layers)
+        loss = terms.pop("loss") if shared else terms["loss_vit"] + terms["loss_cnn"]
+        return loss, ({**terms, "hint_decay": batch["decay"]}, {"batch_stats": updated["batch_stats"]})
+
+    return loss_fn
+
+
+def joint_labels(params: dict) -> dict:
+    """Optimizer labels: every ViT leaf 'vit', every agent leaf 'agent' (one optimizer state per model)."""
+    return {name: jax.tree.map(lambda _, n=name: n, tree) for name, tree in params.items()}
+
+
+def make_evaluate(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig,
+                  batches: Callable[[], Iterable[dict]]) -> Callable[[loop.TrainState], dict[str, float]]:
+    """Both models' top-1 over one pass of `batches` (image, label, mask), with the deterministic eval transform."""
+
+    @jax.jit
+    def counts(params, extra, batch):
+        images = eval_transform(augment, batch["image"], vit.dtype)
+        vit_logits = vit.apply({"params": params["vit"]}, images)
+        agent_logits = agent.apply({"params": params["agent"], **extra}, *_agent_args(agent, images, params),
+                                   train=False)
+        vit_hits, total = top1_correct(vit_logits, batch["label"], batch["mask"])
+        agent_hits, _ = top1_correct(agent_logits, batch["label"], batch["mask"])
+        return vit_hits, agent_hits, total
+
+    def evaluate(state: loop.TrainState) -> dict[str, float]:
+        vit_correct = agent_correct = total = 0
+        for batch in batches():
+            v, a, n = counts(state.params, state.extra, batch)
+            vit_correct, agent_correct, total = vit_correct + int(v), agent_correct + int(a), total + int(n)
+        total = max(total, 1)
+        return {"val_top1_vit": 100.0 * vit_correct / total, "val_top1_agent": 100.0 * agent_correct / total}
+
+    return evaluate
+
+
+def make_export(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig) -> Callable:
+    """Writes the ViT as timm weights (model.safetensors, model.pth, timm.json) and the agent's state dict."""
+
+    def export(state: loop.TrainState, out_dir: Path) -> dict:
+        params, extra = jax.device_get((state.params, state.extra))
+        files = export_vit(params["vit"], vit.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std,
+                           overwrite=True)
+        shared_from = params["vit"] if isinstance(agent, SharedAgent) else None
+        files["agent"] = export_agent({"params": params["agent"], **extra}, agent.clone(dtype=jnp.float32), out_dir,
+                                      vit_params=shared_from, overwrite=True)
+        return files
+
+    return export
+
+
+def build_task(config: ml_collections.ConfigDict, train_source: Source, val_source: Source,
+               mesh: Mesh) -> tuple[loop.Task, ViT, Agent | SharedAgent]:
+    """The loop.Task of a validated config over these sources, and its two models."""
+    require_choice("mode", config.mode, MODES)
+    loop.validate_train_config(config)
+    classify.validate_model_fields(config)
+    augment = augment_config(config.augment)
+    require(augment.size == config.image_size, f"augment.size={augment.size} must equal image_size={config.image_size}")
+    require(len(train_source) >= config.batch_size,
+            f"the train split has {len(train_source)} examples, fewer than batch_size={config.batch_size}")
+    weights = loss_weights(config)
+    num_classes = train_source.num_classes
+    vit, agent = build_models(config, num_classes)
+    sharding = data_sharding(mesh)
+    batch = config.batch_size
+    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), batch)
+    total = loop.total_steps(config, steps_per_epoch)
+    total_epochs = total / steps_per_epoch  # the hint reaches weight 0 at the end of training
+
+    def inputs(start: int):
+        iterator = pipeline.TrainIterator(train_source, seed=config.seed, global_batch=batch, sharding=sharding,
+                                          start_step=start, num_threads=config.data.num_threads,
+                                          prefetch_batches=config.data.prefetch_batches)
+        return (item for _, item in iterator)
+
+    def make_batch(key, item, step):
+        images, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,
+                                        vit.dtype)
+        return {"image": images, "target": targets, "decay": hint_decay(step // steps_per_epoch, total_epochs)}
+
+    def val_batches():
+        return pipeline.eval_batches(val_source, global_batch=batch, sharding=sharding,
+                                     num_threads=config.data.num_threads)
+
+    task = loop.Task(
+        init_variables=init_variables(vit, agent, config.image_size),
+        make_batch=make_batch,
+        loss_fn=make_loss_fn(vit, agent, weights, hint_layers(config)),
+        inputs=inputs,
+        evaluate=make_evaluate(vit, agent, augment, val_batches),
+        export=make_export(vit, agent, augment),
+        total_steps=total,
+        steps_per_epoch=steps_per_epoch,
+        global_batch=batch,
+        metric_names=METRICS[config.mode],
+        eval_names=EVAL_NAMES,
+        optimizer_labels=joint_labels if config.mode == "joint" else None,
+    )
+    return task, vit, agent
+
+
+def final_accuracies(workdir: Path) -> dict[str, float]:
+    """The last evaluation's top-1 of both models (the paper reports the final epoch), and each one's max."""
+    with (workdir / "metrics.csv").open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_top1_vit")]
+    if not rows:
+        return {}
+    result = {}
+    for name in EVAL_NAMES:
+        values = [float(r[name]) for r in rows]
+        result[f"{name}_final"], result[f"{name}_max"] = values[-1], max(values)
+    return result
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
+    require_choice("mode", config.mode, MODES)
+    train_source = make_source(config.data, "train")
+    val_source = make_source(config.data, config.data.eval_split)
+    mesh = make_data_mesh()
+    task, _, _ = build_task(config, train_source, val_source, mesh)
+    logging.info("%s: %d train / %d %s examples, %d classes, %d steps/epoch; mode %s, ViT %s + %s", config.data.name,
+                 len(train_source), len(val_source), config.data.eval_split, train_source.num_classes,
+                 task.steps_per_epoch, config.mode, config.model, config.agent.preset)
+    state = loop.train(task, config, workdir, mesh)
+    result = final_accuracies(Path(workdir))
+    if result and jax.process_index() == 0:
+        print(f"val top-1 (final epoch): ViT {result['val_top1_vit_final']:.2f}%, "
+              f"agent {result['val_top1_agent_final']:.2f}%")
+        (Path(workdir) / "result.json").write_text(json.dumps(result))
+    return state

@@ -1,0 +1,219 @@
+"""Pre-train and fine-tune stages end to end on tiny settings: sharding, run directory, exact resume, bad input."""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import finetune as finetune_configs
+from configs import pretrain as pretrain_configs
+from onepfrac_jax import inference
+from onepfrac_jax.config import ConfigError
+from onepfrac_jax.data.augment import augment_config, eval_transform
+from onepfrac_jax.train import classify, finetune, pretrain
+from onepfrac_jax.train.loop import load_latest_variables
+from onepfrac_jax.train.mesh import make_data_mesh
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
+                 "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
+
+
+def pretrain_config(**overrides):
+    c = pretrain_configs.get_config("demo")
+    c.update({**TINY_PRETRAIN, **overrides})
+    return c
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("pretrain") / "run"
+    pretrain.run(pretrain_config(), str(workdir), make_data_mesh(jax.devices()[:1]))
+    return workdir
+
+
+def test_pretrain_gives_the_same_losses_on_1_and_4_devices(pretrained, tmp_path):
+    pretrain.run(pretrain_config(), str(tmp_path / "four"), make_data_mesh(jax.devices()[:4]))
+    one = [float(r["loss"]) for r in csv_rows(pretrained / "metrics.csv")]
+    four = [float(r["loss"]) for r in csv_rows(tmp_path / "four" / "metrics.csv")]
+    assert len(one) == 4
+    np.testing.assert_allclose(four, one, rtol=1e-5)
+    a, b = load_latest_variables(pretrained), load_latest_variables(tmp_path / "four")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_run_directory_holds_what_it_promises(pretrained):
+    names = {p.name for p in pretrained.iterdir()}
+    assert {"config.json", "checkpoints", "tensorboard", "metrics.csv", "curves.png", "export"} <= names
+    header = (pretrained / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["step", "loss", "lr", "images_per_s"]
+    assert sorted(p.name for p in (pretrained / "export").iterdir()) == ["model.pth", "model.safetensors",
+                                                                          "timm.json"]
+    meta = json.loads((pretrained / "export" / "timm.json").read_text())
+    assert meta["kwargs"]["img_size"] == 16 and meta["kwargs"]["num_classes"] == 8
+    assert meta["mean"] == [0.5, 0.5, 0.5]
+
+
+def test_the_export_loads_in_timm_and_agrees(pretrained):
+    timm = pytest.importorskip("timm", reason="timm is installed by requirements-test.txt")
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    meta = json.loads((pretrained / "export" / "timm.json").read_text())
+    model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"]).eval()
+    model.load_state_dict(load_file(pretrained / "export" / "model.safetensors"), strict=True)
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    with torch.no_grad():
+        theirs = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    config = pretrain_config()
+    vit = classify.build_vit(config, 8)
+    ours = vit.apply({"params": load_latest_variables(pretrained)["params"]}, jnp.asarray(x))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_fresh_mode_renders_new_points_per_sample(tmp_path):
+    pretrain.run(pretrain_config(data_mode="fresh", total_steps=2), str(tmp_path / "run"),
+                 make_data_mesh(jax.devices()[:2]))
+    assert len(csv_rows(tmp_path / "run" / "metrics.csv")) == 2
+
+
+def cli(config: str, workdir: Path, overrides: dict) -> list[str]:
+    args = [sys.executable, "main.py", "--config", config, f"--workdir={workdir}"]
+    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+SLOW = {**TINY_PRETRAIN, "render_size": 64, "image_size": 32, "batch_size": 32, "total_steps": 120,
+        "checkpoint_every_steps": 30, "log_every_steps": 10}
+
+
+def test_exact_resume_after_sigkill(tmp_path):
+    reference = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "a", SLOW), cwd=ROOT, capture_output=True,
+                               text=True, timeout=600)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    proc = subprocess.Popen(cli("configs/pretrain.py:demo", tmp_path / "b", SLOW), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "b" / "checkpoints" / "30"
+    deadline = time.time() + 300
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    assert not (tmp_path / "b" / "checkpoints" / "120").exists(), "the run finished before it could be killed"
+    resumed = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "b", SLOW), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    a, b = load_latest_variables(tmp_path / "a"), load_latest_variables(tmp_path / "b")
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    steps = [int(r["step"]) for r in csv_rows(tmp_path / "b" / "metrics.csv")]
+    assert steps == sorted(set(steps)) and steps[-1] == 120  # no duplicated rows after the resume
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen(cli("configs/pretrain.py:demo", tmp_path / "run", {**SLOW, "total_steps": 100000}),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = tmp_path / "run" / "checkpoints" / "30"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-2000:]
+    said = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", stderr)
+    assert said, stderr[-2000:]
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == int(said.group(1)) and 30 <= steps[-1] < 100000
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8) -> None:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((20, 24, 3), 60 * c, np.uint8) + rng.integers(0, 30, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def finetune_config(data_dir: Path, **overrides):
+    c = finetune_configs.get_config("imagefolder")
+    c.update({"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 3,
+              "checkpoint_every_steps": 3, **TINY_MODEL})
+    c.data.update({"data_dir": str(data_dir), "image_size": 20})
+    c.augment.update({"auto_augment": "", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "re_prob": 0.0})
+    c.update(overrides)
+    return c
+
+
+def test_finetune_from_a_pretrain_run_on_an_image_folder(pretrained, tmp_path):
+    make_image_folder(tmp_path / "data")
+    workdir = tmp_path / "ft"
+    finetune.run(finetune_config(tmp_path / "data", init_from=str(pretrained)), str(workdir),
+                 make_data_mesh(jax.devices()[:2]))
+    rows = csv_rows(workdir / "metrics.csv")
+    assert [r["step"] for r in rows if r["val_top1"]] == ["3", "6"]  # one epoch = 3 steps of 8 from 24 images
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["val_top1_final"] == float(rows[-1]["val_top1"])
+    tuned = load_latest_variables(workdir)["params"]
+    assert tuned["head"]["kernel"].shape == (32, 3)  # the 8-class head was replaced
+    # inference.load serves the run: the same logits as the model on the eval transform
+    predict = inference.load(workdir)
+    images = np.random.default_rng(1).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8)
+    model = classify.build_vit(finetune_config(tmp_path / "data"), 3)
+    expected = model.apply({"params": tuned}, eval_transform(augment_config(finetune_config(tmp_path).augment),
+                                                             jnp.asarray(images)))
+    np.testing.assert_allclose(predict(images), expected, atol=1e-5)
+
+
+def test_finetune_bad_input(pretrained, tmp_path):
+    make_image_folder(tmp_path / "data")
+    with pytest.raises(ConfigError, match="does not exist"):
+        finetune.run(finetune_config(tmp_path / "missing"), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="data.name='cifar'|unknown dataset|not one of"):
+        finetune.run(finetune_config(tmp_path / "data", data={"name": "cifar"}), str(tmp_path / "b"))
+    # a checkpoint of another architecture: the error lists the mismatched keys
+    with pytest.raises(ConfigError, match=r"(?s)init_from=.*shape mismatch: blocks.0.attn.qkv.weight"):
+        finetune.run(finetune_config(tmp_path / "data", init_from=str(pretrained), depth=2, embed_dim=48),
+                     str(tmp_path / "c"))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="empty|no class"):
+        finetune.run(finetune_config(tmp_path / "empty"), str(tmp_path / "d"))
+    for name in ("a", "b", "c", "d"):
+        assert not (tmp_path / name).exists()
+
+
+def test_a_corrupt_image_is_named(tmp_path):
+    make_image_folder(tmp_path / "data")
+    bad = tmp_path / "data" / "train" / "class_1" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(Exception, match="3.png"):
+        finetune.run(finetune_config(tmp_path / "data"), str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
+
+
+def test_main_reports_a_non_finite_loss_with_exit_code_3(tmp_path):
+    result = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "run",
+                                {**TINY_PRETRAIN, "optim.lr": 1e30, "total_steps": 6, "checkpoint_every_steps": 3}),
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "error: loss is nan" in result.stderr and "last good" in result.stderr

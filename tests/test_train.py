@@ -1,0 +1,144 @@
+"""The training loop on a toy task: non-finite stop, float16 loss scaling, run-directory rules, schedule, decay mask."""
+
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from onepfrac_jax.config import ConfigError, to_json
+from onepfrac_jax.train import loop, optim
+from onepfrac_jax.train.checkpoint import Checkpoints
+from onepfrac_jax.train.mesh import make_data_mesh
+
+
+def toy_config(**overrides) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = "toy"
+    loop.default_train_config(c)
+    c.batch_size = 4
+    c.total_steps = 8
+    c.log_every_steps = 1
+    c.checkpoint_every_steps = 2
+    c.optim.warmup_steps = 0
+    c.optim.scale_lr = False
+    c.optim.lr = 0.1
+    c.optim.weight_decay = 0.0
+    c.update(overrides)
+    return c
+
+
+def toy_task(loss_of_step, total_steps=8) -> loop.Task:
+    """Minimises loss_of_step(w, step) for a scalar w (kept 2-D so weight decay would apply)."""
+    return loop.Task(
+        init_variables=lambda key: {"params": {"w": jnp.full((1, 1), 3.0)}},
+        make_batch=lambda key, inputs, step: {"step": step},
+        loss_fn=lambda params, extra, batch, key: (loss_of_step(params["w"][0, 0], batch["step"]), ({}, extra)),
+        inputs=lambda start: itertools.repeat(None),
+        evaluate=None,
+        export=None,
+        total_steps=total_steps,
+        steps_per_epoch=4,
+        global_batch=4,
+    )
+
+
+def run(task, config, workdir):
+    return loop.train(task, config, str(workdir), make_data_mesh(jax.devices()[:1]))
+
+
+def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
+    state = run(toy_task(lambda w, step: w**2), toy_config(), tmp_path / "run")
+    assert abs(float(state.params["w"][0, 0])) < 3.0
+    lines = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:4] == ["step", "loss", "lr", "images_per_s"]
+    losses = [float(line.split(",")[1]) for line in lines[1:]]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert (tmp_path / "run" / "curves.png").exists()
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4", "6", "8"]  # keep 3
+
+
+def test_a_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path):
+    task = toy_task(lambda w, step: jnp.where(step >= 5, jnp.nan, w**2))
+    with pytest.raises(loop.NonFiniteLossError, match=r"loss is nan at step 6; last good checkpoint at step 4"):
+        run(task, toy_config(log_every_steps=3), tmp_path / "run")
+    # nothing after the failure was saved
+    assert sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir()) == [2, 4]
+
+
+def test_float16_loss_scaling_skips_overflowing_steps(tmp_path):
+    # at step 2 the loss is finite but its scaled gradient overflows: that update is skipped and the scale halves
+    task = toy_task(lambda w, step: jnp.where(step == 2, 1e35, 1.0) * w**2, total_steps=4)
+    config = toy_config(dtype="float16", total_steps=4, checkpoint_every_steps=1, keep_checkpoints=4)
+    run(task, config, tmp_path / "run")
+    checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", 4)
+    target = loop.init_state(task, optim.make_optimizer(config.optim, optax.constant_schedule(0.1)), 0,
+                             make_data_mesh(jax.devices()[:1]))
+    before, _ = checkpoints.restore(2, target)  # the state after steps 0 and 1
+    after, _ = checkpoints.restore(3, target)  # ... and after step 2, whose gradient is infinite
+    checkpoints.close()
+    np.testing.assert_array_equal(after.params["w"], before.params["w"])
+    assert float(after.loss_scale) == float(before.loss_scale) / 2 == 2.0**14
+
+
+def test_resume_rules(tmp_path):
+    workdir = tmp_path / "run"
+    config = toy_config()
+    run(toy_task(lambda w, step: w**2), config, workdir)
+    # the same config resumes (here: already complete, nothing to do) ...
+    state = run(toy_task(lambda w, step: w**2), config, workdir)
+    assert int(state.step) == 8
+    # ... a different one is refused, naming what differs ...
+    with pytest.raises(ConfigError, match=r"different config \(differs in: optim, seed\)"):
+        run(toy_task(lambda w, step: w**2), toy_config(seed=1, optim=dict(lr=0.2)), workdir)
+    # ... unless resuming is asked for: extending a finished run continues from its last checkpoint
+    state = run(toy_task(lambda w, step: w**2, total_steps=10), toy_config(total_steps=10, resume=True), workdir)
+    assert int(state.step) == 10
+    # overwrite starts afresh
+    state = run(toy_task(lambda w, step: w**2, total_steps=2), toy_config(total_steps=2, overwrite=True), workdir)
+    assert int(state.step) == 2 and json.loads((workdir / "config.json").read_text())["total_steps"] == 2
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="holds no run"):
+        loop.prepare_run_dir(toy_config(), str(stranger))
+
+
+def test_batch_must_divide_over_devices():
+    with pytest.raises(ConfigError, match="batch_size=6 is not divisible by the 4 devices"):
+        loop.validate_train_config(toy_config(batch_size=6))
+    with pytest.raises(ConfigError, match="dtype='float64'"):
+        loop.validate_train_config(toy_config(dtype="float64"))
+
+
+def test_schedule_warms_up_then_follows_the_cosine_to_min_lr():
+    c = optim.default_optim_config()
+    c.update(dict(lr=1e-3, warmup_lr=1e-6, min_lr=1e-5, warmup_epochs=5.0))
+    lr = optim.schedule(c, total_steps=100, steps_per_epoch=2, global_batch=256)  # scale 0.5, warm-up 10 steps
+    assert float(lr(0)) == pytest.approx(0.5e-6, rel=1e-4)  # float32 schedule arithmetic
+    assert float(lr(10)) == pytest.approx(0.5e-3)
+    assert float(lr(5)) == pytest.approx((0.5e-6 + 0.5e-3) / 2, rel=1e-4)
+    assert float(lr(55)) == pytest.approx(0.5e-5 + (0.5e-3 - 0.5e-5) / 2, rel=1e-3)
+    assert float(lr(100)) == pytest.approx(0.5e-5, rel=1e-3)
+    c.scale_lr = False
+    assert float(optim.schedule(c, 100, 2, 256)(10)) == pytest.approx(1e-3)
+
+
+def test_weight_decay_spares_biases_norms_positions_and_the_cls_token():
+    params = {"pos_embed": jnp.zeros((1, 5, 4)), "cls_token": jnp.zeros((1, 1, 4)),
+              "blocks_0": {"attn": {"qkv": {"kernel": jnp.zeros((4, 12)), "bias": jnp.zeros(12)}},
+                           "norm1": {"scale": jnp.zeros(4), "bias": jnp.zeros(4)}}}
+    mask = optim.decay_mask(params)
+    assert mask["blocks_0"]["attn"]["qkv"] == {"kernel": True, "bias": False}
+    assert not mask["pos_embed"] and not mask["cls_token"] and not any(mask["blocks_0"]["norm1"].values())
+
+
+def test_saved_config_is_the_resolved_config(tmp_path):
+    config = toy_config()
+    run(toy_task(lambda w, step: w**2), config, tmp_path / "run")
+    assert (tmp_path / "run" / "config.json").read_text() == to_json(config)
