@@ -187,16 +187,16 @@ def test_finetune_from_a_pretrain_run_on_an_image_folder(pretrained, tmp_path):
 
 def test_finetune_bad_input(pretrained, tmp_path):
     make_image_folder(tmp_path / "data")
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match=r"does not exist"):
         finetune.run(finetune_config(tmp_path / "missing"), str(tmp_path / "a"))
-    with pytest.raises(ConfigError, match="data.name='cifar'|unknown dataset|not one of"):
+    with pytest.raises(ConfigError, match=r"cifar"):
         finetune.run(finetune_config(tmp_path / "data", data={"name": "cifar"}), str(tmp_path / "b"))
     # a checkpoint of another architecture: the error lists the mismatched keys
     with pytest.raises(ConfigError, match=r"(?s)init_from=.*shape mismatch: blocks.0.attn.qkv.weight"):
         finetune.run(finetune_config(tmp_path / "data", init_from=str(pretrained), depth=2, embed_dim=48),
                      str(tmp_path / "c"))
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="empty|no class"):
+    with pytest.raises(ConfigError, match=r"empty|no class"):
         finetune.run(finetune_config(tmp_path / "empty"), str(tmp_path / "d"))
     for name in ("a", "b", "c", "d"):
         assert not (tmp_path / name).exists()
@@ -206,7 +206,7 @@ def test_a_corrupt_image_is_named(tmp_path):
     make_image_folder(tmp_path / "data")
     bad = tmp_path / "data" / "train" / "class_1" / "3.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(Exception, match="3.png"):
+    with pytest.raises(ConfigError, match=r"class_1/3\.png"):
         finetune.run(finetune_config(tmp_path / "data"), str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
 
 

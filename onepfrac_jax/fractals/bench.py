@@ -64,7 +64,7 @@ def main() -> None:
     devices = mesh.devices.size
     print(f"backend {jax.default_backend()}, {devices} devices ({jax.devices()[0].device_kind}), "
           f"{args.size}², {args.points:,} points/image, draw mode patch\n")
-    print(f"| renderer | classes per call | images/s | speed-up vs NumPy |\n|---|---:|---:|---:|")
+    print("| renderer | classes per call | images/s | speed-up vs NumPy |\n|---|---:|---:|---:|")
 
     rng = np.random.default_rng(0)
     base_np, probs_np = np.asarray(base, np.float64), np.asarray(probs, np.float64)

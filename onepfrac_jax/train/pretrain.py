@@ -34,7 +34,7 @@ def bank_spec(config: ml_collections.ConfigDict) -> BankSpec:
 
 
 def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, batch: int) -> jax.Array:
-    """Labels of global examples `indices` (consecutive): example g is position g mod L of epoch g // L's permutation."""
+    """Labels of consecutive global examples: example g is position g mod L of epoch g // L's permutation."""
     first_epoch = indices[0] // num_classes
     spanned = math.ceil(batch / num_classes) + 1  # a batch touches at most this many epochs
     epochs = first_epoch + jnp.arange(spanned)
