@@ -118,16 +118,16 @@ def rasterise(
     num_classes = xs.shape[1]
     canvas = (jnp.arange(num_classes, dtype=jnp.int32) * size * size)[None, :, None]
     keep = valid & ok[None, :, None]
-    flat = jnp.where(keep, canvas + row * size + col, -1)
+    # Dropped points index past the last canvas (.at[] would wrap a negative index like NumPy).
+    past_end = num_classes * size * size
     if masks is None:
-        targets = flat
+        targets = jnp.where(keep, canvas + row * size + col, past_end)
     else:
         offsets = jnp.array([(dr - 1) * size + (dc - 1) for dr in range(3) for dc in range(3)], jnp.int32)
         bits = (masks.T[:, None, :, None] >> jnp.arange(9)) & 1  # (K, 1, C, 9)
-        targets = jnp.where((bits == 1) & keep[..., None], flat[..., None] + offsets, -1)
-    # .at[] wraps negative indices like NumPy, so dropped points go past the end instead.
-    targets = jnp.where(targets < 0, num_classes * size * size, targets)
-    images = jnp.zeros(num_classes * size * size, jnp.uint8).at[targets.ravel()].set(VALUE, mode="drop")
+        flat = (canvas + row * size + col)[..., None]
+        targets = jnp.where((bits == 1) & keep[..., None], flat + offsets, past_end)
+    images = jnp.zeros(past_end, jnp.uint8).at[targets.ravel()].set(VALUE, mode="drop")
     return images.reshape(num_classes, size, size), ok
 
 

@@ -257,7 +257,9 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mes
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
-    writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", *task.eval_names], task.total_steps,
+    # input_wait: the fraction of the interval spent waiting for the host pipeline
+    writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *task.eval_names],
+                          task.total_steps,
                           enabled=main_process, resume=resuming)
     writer.truncate_after(start)
     eval_every = task.eval_every_steps or config.eval_every_steps or task.steps_per_epoch
