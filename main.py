@@ -10,6 +10,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.train import distributed
 from onepfrac_jax.train.loop import NonFiniteLossError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -50,17 +51,15 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     stage = config.get("stage")
     try:
+        distributed.initialize()  # before any JAX computation; single-process when nothing is set
         if stage not in STAGES:
             raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
         importlib.import_module(STAGES[stage]).run(config, _WORKDIR.value)
-    except ConfigError as e:
+    except (ConfigError, NonFiniteLossError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(3)
+        # exit_now: peers blocked in a collective would otherwise hold this process at JAX's exit barrier
+        distributed.exit_now(2 if isinstance(e, ConfigError) else 3)
 
 
 if __name__ == "__main__":

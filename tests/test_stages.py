@@ -89,10 +89,14 @@ def test_the_export_loads_in_timm_and_agrees(pretrained):
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
-def test_fresh_mode_renders_new_points_per_sample(tmp_path):
-    pretrain.run(pretrain_config(data_mode="fresh", total_steps=2), str(tmp_path / "run"),
+def test_fresh_mode_in_bfloat16(tmp_path):
+    """New chaos-game points per sample, bfloat16 compute: trains, with float32 params."""
+    pretrain.run(pretrain_config(data_mode="fresh", total_steps=2, dtype="bfloat16"), str(tmp_path / "run"),
                  make_data_mesh(jax.devices()[:2]))
-    assert len(csv_rows(tmp_path / "run" / "metrics.csv")) == 2
+    losses = [float(r["loss"]) for r in csv_rows(tmp_path / "run" / "metrics.csv")]
+    assert len(losses) == 2 and all(abs(x - np.log(8)) < 0.5 for x in losses)
+    params = load_latest_variables(tmp_path / "run")["params"]
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
 def cli(config: str, workdir: Path, overrides: dict) -> list[str]:

@@ -15,11 +15,11 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import ifs, render
-from onepfrac_jax.train.mesh import DATA, data_sharding, make_data_mesh
+from onepfrac_jax.train.mesh import DATA, data_sharding, make_data_mesh, replicated
 
 # fold_in constants that split the seed into independent streams
 _IFS_STREAM, _PERTURB_STREAM, _RENDER_STREAM = 0, 1, 2
@@ -134,6 +134,12 @@ def _sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, dr
     )
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _kept_fill(images: jax.Array, ok: jax.Array, out: NamedSharding) -> jax.Array:
+    """Fill rate per class (0 where rendering failed), replicated so every process can read it."""
+    return jax.lax.with_sharding_constraint(jnp.where(ok, render.fill_rate(images), 0.0), out)
+
+
 @functools.partial(jax.jit, donate_argnums=0)
 def _put_rows(images: jax.Array, rows: jax.Array, values: jax.Array) -> jax.Array:
     return images.at[rows].set(values)
@@ -193,7 +199,7 @@ def build_bank(
             # Padding rows get all-zero maps: a degenerate system renders an empty canvas.
             params = jnp.where(jnp.arange(size)[:, None, None] < len(part), params, 0.0)
             chunk, ok = renderer(jax.device_put(params, data_sharding(mesh)), probs, key)
-            part_fill = np.where(np.asarray(ok), np.asarray(render.fill_rate(chunk)), 0.0)[: len(part)]
+            part_fill = np.asarray(_kept_fill(chunk, ok, replicated(mesh)))[: len(part)]
             class_params[part], fill[part] = np.asarray(params)[: len(part)], part_fill
             chunks.append(chunk)
             rendered += len(part)

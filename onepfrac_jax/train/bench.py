@@ -32,7 +32,8 @@ def main() -> None:
 
     cases = [("pre-train (bank on device)", pretrain, pretrain_configs.get_config("demo")),
              ("fine-tune (digits via grain)", finetune, finetune_configs.get_config("digits_demo"))]
-    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); demo model (4 blocks, dim 96, 32² input)\n")
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+          f"demo model (4 blocks, dim 96, 32² input)\n")
     print("| stage | batch | steps/s | images/s | input wait |\n|---|---:|---:|---:|---:|")
     for name, stage, config in cases:
         config.update(dict(total_steps=args.steps, batch_size=args.batch, log_every_steps=args.interval,

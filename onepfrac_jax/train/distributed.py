@@ -10,6 +10,9 @@ wins over the environment. What is set decides the mode:
   the OpenMPI 4 launcher's host; Open MPI 5 needs the flag). As in JAX, each process then drives the one GPU
   numbered by its local rank unless `--local_device_ids` lists more (one process per node);
 - nothing: a plain single process.
+
+When a process dies, the others stop within --heartbeat_timeout seconds; an uncaught exception ends its process at
+once (`exit_now`), so that its peers see it gone instead of waiting for it at JAX's shutdown barrier.
 """
 
 from __future__ import annotations
@@ -28,21 +31,28 @@ from absl import flags, logging
 
 from onepfrac_jax.config import ConfigError
 
-ENV_PREFIX = "ONEPFRAC_"
+_ENV_PREFIX = "ONEPFRAC_"
 
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, where JAX's coordination service listens.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run (give with --process_id).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
+    "coordinator_address", None, "HOST:PORT of process 0, where JAX's coordination service listens. "
+    "Env: ONEPFRAC_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in the run (give with --process_id). Env: ONEPFRAC_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's id in [0, num_processes). Env: ONEPFRAC_PROCESS_ID.")
 _LOCAL_DEVICE_IDS = flags.DEFINE_string(
     "local_device_ids", None, "Comma-separated GPUs this process drives (default: all; under SLURM/OpenMPI: the "
-    "one numbered by the local rank). Multi-process runs only: a single process uses CUDA_VISIBLE_DEVICES.")
+    "one numbered by the local rank). Multi-process runs only: a single process uses CUDA_VISIBLE_DEVICES. "
+    "Env: ONEPFRAC_LOCAL_DEVICE_IDS.")
 _CPU_DEVICES = flags.DEFINE_integer(
-    "cpu_devices", None, "CPU devices per process (jax_num_cpu_devices): multi-device logic without accelerators.")
+    "cpu_devices", None, "CPU devices per process (jax_num_cpu_devices): multi-device logic without accelerators. "
+    "Env: ONEPFRAC_CPU_DEVICES.")
 _DISTRIBUTED_TIMEOUT = flags.DEFINE_integer(
-    "distributed_timeout", 300, "Seconds to wait at start-up for the coordinator and for every process to join.")
+    "distributed_timeout", 300, "Seconds to wait at start-up for the coordinator and for every process to join. "
+    "Env: ONEPFRAC_DISTRIBUTED_TIMEOUT.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout", 30, "Seconds without a heartbeat after which a process counts as dead and all others stop.")
+    "heartbeat_timeout", 30, "Seconds without a heartbeat after which a process counts as dead and all others "
+    "stop. Env: ONEPFRAC_HEARTBEAT_TIMEOUT.")
 
 _FLAGS = (_COORDINATOR_ADDRESS, _NUM_PROCESSES, _PROCESS_ID, _LOCAL_DEVICE_IDS, _CPU_DEVICES, _DISTRIBUTED_TIMEOUT,
           _HEARTBEAT_TIMEOUT)
@@ -62,8 +72,8 @@ class Settings:
     heartbeat_timeout: int
 
 
-def env_name(flag: str) -> str:
-    return ENV_PREFIX + flag.upper()
+def _env_name(flag: str) -> str:
+    return _ENV_PREFIX + flag.upper()
 
 
 def _raw_settings(environ: Mapping[str, str]) -> dict[str, object]:
@@ -71,14 +81,14 @@ def _raw_settings(environ: Mapping[str, str]) -> dict[str, object]:
     values: dict[str, object] = {}
     for holder in _FLAGS:
         flag = flags.FLAGS[holder.name]  # the Flag object: readable before (or without) parsing the command line
-        raw = environ.get(env_name(flag.name), "")
+        raw = environ.get(_env_name(flag.name), "")
         if flag.present or not raw:
             values[flag.name] = flag.value
             continue
         try:
             values[flag.name] = flag.parser.parse(raw)
         except ValueError as e:
-            raise ConfigError(f"{env_name(flag.name)}={raw!r}: {e}") from None
+            raise ConfigError(f"{_env_name(flag.name)}={raw!r}: {e}") from None
     return values
 
 
