@@ -107,8 +107,9 @@ def test_patch_masks_and_vertical_flip():
     xs = jnp.array([0.0, 1.0])[:, None, None]
     ys = jnp.array([0.0, 1.0])[:, None, None]
     valid = jnp.ones((2, 1, 1), bool)
-    masks = jnp.array([[0b111111111, 0b000000001]])  # a full patch at (0, 0), one cell at (1, 1)
-    img, ok = render.rasterise(xs, ys, valid, masks, image_size=16, pad=2)
+    # masks 0b111111111 at (0, 0) and 0b000000001 at (1, 1): cell 0 lists both points, cells 1-8 the first only
+    bits = (jnp.array([0, 1]),) + (jnp.array([0]),) * 8
+    img, ok = render.rasterise(xs, ys, valid, bits, image_size=16, pad=2)
     img = np.asarray(img[0])
     assert bool(ok[0]) and params.shape == (1, 2, 6)
     # (0, 0) is bottom-left: row 16-1-2 = 13, col 2, full 3×3 around it
@@ -188,3 +189,12 @@ def test_bad_specs_are_rejected(field, value, message):
 
 def test_additive_mode_allows_delta_of_one():
     BankSpec(**{**SMALL.__dict__, "delta": 1.0, "perturbation": "additive"}).validate()
+
+
+def test_patch_bits_follow_the_mask_sequence():
+    key = jax.random.key(3)
+    masks = np.asarray(render.mask_sequence(key, 20)).reshape(4, 5)  # 4 chunks of 5 steps
+    bits = render.patch_bits(key, 20, num_chunks=4)
+    for cell in range(9):
+        on = {(i % 4) * 5 + i // 4 for i in bits[cell]}  # rasteriser index k·C + c -> step c·K + k
+        assert on == {t for t in range(20) if masks.reshape(-1)[t] >> cell & 1}

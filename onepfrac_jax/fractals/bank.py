@@ -44,7 +44,7 @@ class BankSpec:
     draw_mode: str = "patch"
     fill_threshold: float = 0.05  # a class must cover more than this fraction of the canvas
     max_redraws: int = 100  # fresh perturbations tried per class before giving up
-    classes_per_call: int = 256  # classes rendered per device call (rounded up to the device count)
+    classes_per_call: int = 32  # classes per device call (rounded up to the device count): small calls stay in cache
 
     def validate(self) -> None:
         """Raises ConfigError with one clear message for the first invalid field."""
@@ -122,14 +122,22 @@ def base_system(spec: BankSpec) -> tuple[jax.Array, jax.Array]:
     return ifs.sample_ifs(jax.random.fold_in(jax.random.key(spec.seed), _IFS_STREAM), spec.num_maps, spec.sigma)
 
 
+def patch_bits(spec: BankSpec) -> tuple[np.ndarray, ...] | None:
+    """The bank's patch cells per chain step (None in point mode), from its render key."""
+    if spec.draw_mode != "patch":
+        return None
+    return render.patch_bits(render.mask_key(render_key(spec.seed)), spec.num_points)
+
+
 @functools.lru_cache(maxsize=8)
-def _sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
-    """render() with the classes split over the mesh: each device draws its own classes' canvases."""
-    fn = functools.partial(render.render, image_size=image_size, pad=pad, num_points=num_points, draw_mode=draw_mode)
+def _sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int) -> Callable:
+    """render_with_bits() with the classes split over the mesh: each device draws its own classes' canvases."""
+    fn = functools.partial(render.render_with_bits, image_size=image_size, pad=pad, num_points=num_points)
     spec = PartitionSpec(DATA)
     # check_vma=False: the per-device body is plain single-device code (its scan carries start replicated).
     return jax.jit(
-        jax.shard_map(fn, mesh=mesh, in_specs=(spec, PartitionSpec(), PartitionSpec()), out_specs=(spec, spec),
+        jax.shard_map(fn, mesh=mesh, in_specs=(spec, PartitionSpec(), PartitionSpec(), PartitionSpec()),
+                      out_specs=(spec, spec),
                       check_vma=False)
     )
 
@@ -166,16 +174,15 @@ def build_bank(
     per_call = min(per_call, math.ceil(spec.num_classes / num_devices) * num_devices)
     # Re-draw rounds touch few classes: a second, small call size avoids rendering padding.
     redraw_call = min(per_call, _REDRAW_PER_DEVICE * num_devices)
-    renderer = _sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points, spec.draw_mode)
+    renderer = _sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points)
+    bits = patch_bits(spec)
     key = render_key(spec.seed)
     say = progress or (lambda _: None)
 
     base, sigma = base_system(spec)
     probs = ifs.map_probabilities(base)
-    base_image, base_ok = render.render(
-        base[None], probs, key, image_size=spec.image_size, pad=spec.pad, num_points=spec.num_points,
-        draw_mode=spec.draw_mode,
-    )
+    base_image, base_ok = render.render_with_bits(base[None], probs, key, bits, image_size=spec.image_size,
+                                                  pad=spec.pad, num_points=spec.num_points)
     base_fill = float(render.fill_rate(base_image)[0])
     if not bool(base_ok[0]) or not np.isfinite(np.asarray(probs)).all() or base_fill <= spec.fill_threshold:
         raise ConfigError(_fail_message(spec, f"the unperturbed fractal fills {base_fill:.4f} of the canvas, "
@@ -198,7 +205,7 @@ def build_bank(
                                          spec.delta, spec.perturbation)
             # Padding rows get all-zero maps: a degenerate system renders an empty canvas.
             params = jnp.where(jnp.arange(size)[:, None, None] < len(part), params, 0.0)
-            chunk, ok = renderer(jax.device_put(params, data_sharding(mesh)), probs, key)
+            chunk, ok = renderer(jax.device_put(params, data_sharding(mesh)), probs, key, bits)
             part_fill = np.asarray(_kept_fill(chunk, ok, replicated(mesh)))[: len(part)]
             class_params[part], fill[part] = np.asarray(params)[: len(part)], part_fill
             chunks.append(chunk)

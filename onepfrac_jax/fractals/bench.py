@@ -40,7 +40,7 @@ def numpy_render(params: np.ndarray, probs: np.ndarray, rng: np.random.Generator
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="16,64,256", help="classes per device call")
+    parser.add_argument("--batches", default="16,32,64,256", help="classes per device call")
     parser.add_argument("--classes", type=int, default=1000, help="bank size for the wall-time row")
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--points", type=int, default=100_000)
@@ -53,14 +53,15 @@ def main() -> None:
 
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from onepfrac_jax.fractals import ifs
-    from onepfrac_jax.fractals.bank import BankSpec, _sharded_renderer, base_system, build_bank, render_key
+    from onepfrac_jax.fractals.bank import BankSpec, _sharded_renderer, base_system, build_bank, patch_bits, render_key
     from onepfrac_jax.train.mesh import data_sharding, make_data_mesh
 
     mesh = make_data_mesh()
-    spec = BankSpec(seed=0, image_size=args.size, num_points=args.points)
+    spec = BankSpec(image_size=args.size, num_points=args.points)
     base, _ = base_system(spec)
     probs = ifs.map_probabilities(base)
-    renderer = _sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points, spec.draw_mode)
+    renderer = _sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points)
+    bits = patch_bits(spec)
     devices = mesh.devices.size
     print(f"backend {jax.default_backend()}, {devices} devices ({jax.devices()[0].device_kind}), "
           f"{args.size}², {args.points:,} points/image, draw mode patch\n")
@@ -79,17 +80,17 @@ def main() -> None:
         params = ifs.perturb_classes(jax.random.key(1), base, jnp.arange(batch), jnp.zeros(batch, jnp.int32),
                                      spec.delta, spec.perturbation)
         params = jax.device_put(params, data_sharding(mesh))
-        jax.block_until_ready(renderer(params, probs, render_key(0)))  # compile
+        jax.block_until_ready(renderer(params, probs, render_key(spec.seed), bits))  # compile
         reps = max(1, 512 // batch)
         start = time.perf_counter()
         for _ in range(reps):
-            out = renderer(params, probs, render_key(0))
+            out = renderer(params, probs, render_key(spec.seed), bits)
         jax.block_until_ready(out)
         rate = reps * batch / (time.perf_counter() - start)
         print(f"| JAX sharded over {devices} devices | {batch} | {rate:.1f} | {rate / numpy_rate:,.0f}× |")
 
     start = time.perf_counter()
-    bank = build_bank(BankSpec(seed=0, num_classes=args.classes, image_size=args.size, num_points=args.points))
+    bank = build_bank(BankSpec(num_classes=args.classes, image_size=args.size, num_points=args.points))
     jax.block_until_ready(bank.images)
     wall = time.perf_counter() - start
     print(f"\n{args.classes}-class bank at {args.size}²: {wall:.1f} s wall (compiles, fill-rate re-draws of "

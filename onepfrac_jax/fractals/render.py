@@ -21,6 +21,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DRAW_MODES = ("patch", "point")
 VALUE = 127
@@ -63,9 +64,14 @@ def chain_points(params: jax.Array, choices: jax.Array) -> tuple[jax.Array, jax.
 
     Point (k, l, c) is step t = c·K + k + 1 of class l's chain.
     """
-    num_classes = params.shape[0]
+    num_classes, num_maps = params.shape[:2]
     num_chunks, chunk_len = choices.shape
-    maps_at = lambda k: jnp.take(params, choices[:, k], axis=1)  # (L, C, 6)
+
+    def maps_at(k):  # (L, C, 6); a where-chain over the N maps is ~1.4× faster than a gather on XLA:CPU
+        chosen = params[:, num_maps - 1][:, None, :]
+        for j in reversed(range(num_maps - 1)):
+            chosen = jnp.where((choices[:, k] == j)[None, :, None], params[:, j][:, None, :], chosen)
+        return chosen
 
     identity = jnp.broadcast_to(jnp.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], params.dtype), (num_classes, num_chunks, 6))
     chunk_maps, _ = jax.lax.scan(lambda m, k: (_compose(maps_at(k), m), None), identity, jnp.arange(chunk_len))
@@ -84,11 +90,25 @@ def chain_points(params: jax.Array, choices: jax.Array) -> tuple[jax.Array, jax.
     return xs, ys
 
 
+def patch_bits(key: jax.Array, num_points: int, num_chunks: int = 1000) -> tuple[np.ndarray, ...]:
+    """For each of the 9 patch cells, the chain steps whose mask switches it on (host arrays, rasteriser order).
+
+    The masks are drawn once on the host from a concrete key, so every cell becomes one gather and one scatter
+    of just its points: ~4.5 writes per point instead of 9 candidate writes of which half are dropped.
+    """
+    num_chunks, chunk_len = _chunking(num_points, num_chunks)
+    masks = np.asarray(mask_sequence(key, num_chunks * chunk_len)).reshape(num_chunks, chunk_len)
+    order = masks.T.reshape(-1)  # rasteriser order: step (c, k) sits at k·C + c
+    step = (np.arange(num_chunks)[None, :] * chunk_len + np.arange(chunk_len)[:, None]).reshape(-1)
+    return tuple(np.flatnonzero(((order >> b) & 1).astype(bool) & (step < num_points)).astype(np.int32)
+                 for b in range(9))
+
+
 def rasterise(
     xs: jax.Array,
     ys: jax.Array,
     valid: jax.Array,
-    masks: jax.Array | None,
+    bits: tuple[jax.Array, ...] | None,
     image_size: int,
     pad: int,
 ) -> tuple[jax.Array, jax.Array]:
@@ -96,7 +116,7 @@ def rasterise(
 
     `valid` (K, 1, C) marks the steps that exist; non-finite or escaped points are dropped too. A class whose
     points have no extent on an axis (or no valid point) is not ok and gets an empty image.
-    `masks` (C, K) selects patch cells per point; None draws single points.
+    `bits` (from patch_bits) lists per patch cell the points that switch it on; None draws single points.
     """
     size = image_size
     inside = (jnp.abs(xs) < MAX_COORDINATE) & (jnp.abs(ys) < MAX_COORDINATE)  # False for NaN too
@@ -117,21 +137,54 @@ def rasterise(
     row = size - 1 - pad - scale(ys, lo_y, span_y)  # vertical flip: larger y is higher up
     num_classes = xs.shape[1]
     canvas = (jnp.arange(num_classes, dtype=jnp.int32) * size * size)[None, :, None]
-    keep = valid & ok[None, :, None]
-    # Dropped points index past the last canvas (.at[] would wrap a negative index like NumPy).
-    past_end = num_classes * size * size
-    if masks is None:
-        targets = jnp.where(keep, canvas + row * size + col, past_end)
+    # Dropped points index past the last canvas (.at[] would wrap a negative index like NumPy); a patch offset
+    # (≥ −size − 1) cannot bring them back in range.
+    past_end = num_classes * size * size + size + 1
+    flat = jnp.where(valid & ok[None, :, None], canvas + row * size + col, past_end)
+    images = jnp.zeros(num_classes * size * size, jnp.uint8)
+    if bits is None:
+        images = images.at[flat.ravel()].set(VALUE, mode="drop")
     else:
-        offsets = jnp.array([(dr - 1) * size + (dc - 1) for dr in range(3) for dc in range(3)], jnp.int32)
-        bits = (masks.T[:, None, :, None] >> jnp.arange(9)) & 1  # (K, 1, C, 9)
-        flat = (canvas + row * size + col)[..., None]
-        targets = jnp.where((bits == 1) & keep[..., None], flat + offsets, past_end)
-    images = jnp.zeros(past_end, jnp.uint8).at[targets.ravel()].set(VALUE, mode="drop")
+        per_class = jnp.moveaxis(flat, 1, 0).reshape(num_classes, -1)  # (L, K·C), step (c, k) at k·C + c
+        for cell, points in enumerate(bits):
+            offset = (cell // 3 - 1) * size + (cell % 3 - 1)
+            images = images.at[(per_class[:, points] + offset).ravel()].set(VALUE, mode="drop")
     return images.reshape(num_classes, size, size), ok
 
 
-@functools.partial(jax.jit, static_argnames=("image_size", "pad", "num_points", "draw_mode", "num_chunks"))
+def _chunking(num_points: int, num_chunks: int) -> tuple[int, int]:
+    num_chunks = min(num_chunks, num_points)
+    return num_chunks, math.ceil(num_points / num_chunks)
+
+
+@functools.partial(jax.jit, static_argnames=("image_size", "pad", "num_points", "num_chunks"))
+def render_with_bits(
+    params: jax.Array,
+    probs: jax.Array,
+    key: jax.Array,
+    bits: tuple[jax.Array, ...] | None,
+    *,
+    image_size: int = 512,
+    pad: int = 6,
+    num_points: int = 100_000,
+    num_chunks: int = 1000,
+) -> tuple[jax.Array, jax.Array]:
+    """render() with the patch cells given (patch_bits(mask key)) or None for point mode; `key` may be traced."""
+    num_chunks, chunk_len = _chunking(num_points, num_chunks)
+    choices = choice_sequence(choice_key(key), probs, num_chunks * chunk_len).reshape(num_chunks, chunk_len)
+    xs, ys = chain_points(params.astype(jnp.float32), choices)
+    step_index = jnp.arange(num_chunks)[None, None, :] * chunk_len + jnp.arange(chunk_len)[:, None, None]
+    return rasterise(xs, ys, step_index < num_points, bits, image_size, pad)
+
+
+def choice_key(key: jax.Array) -> jax.Array:
+    return jax.random.split(key)[0]
+
+
+def mask_key(key: jax.Array) -> jax.Array:
+    return jax.random.split(key)[1]
+
+
 def render(
     params: jax.Array,
     probs: jax.Array,
@@ -145,17 +198,11 @@ def render(
 ) -> tuple[jax.Array, jax.Array]:
     """Renders systems (L, N, 6) with map probabilities (N,): (images (L, S, S) uint8 in {0, 127}, ok (L,)).
 
-    `key` fixes the map-choice and patch-mask sequences, shared by the L systems.
+    `key` (concrete) fixes the map-choice and patch-mask sequences, shared by the L systems.
     """
-    num_chunks = min(num_chunks, num_points)
-    chunk_len = math.ceil(num_points / num_chunks)
-    total = num_chunks * chunk_len
-    k_choice, k_mask = jax.random.split(key)
-    choices = choice_sequence(k_choice, probs, total).reshape(num_chunks, chunk_len)
-    masks = mask_sequence(k_mask, total).reshape(num_chunks, chunk_len) if draw_mode == "patch" else None
-    xs, ys = chain_points(params.astype(jnp.float32), choices)
-    step_index = jnp.arange(num_chunks)[None, None, :] * chunk_len + jnp.arange(chunk_len)[:, None, None]
-    return rasterise(xs, ys, step_index < num_points, masks, image_size, pad)
+    bits = patch_bits(mask_key(key), num_points, num_chunks) if draw_mode == "patch" else None
+    return render_with_bits(params, probs, key, bits, image_size=image_size, pad=pad, num_points=num_points,
+                            num_chunks=num_chunks)
 
 
 def fill_rate(images: jax.Array) -> jax.Array:

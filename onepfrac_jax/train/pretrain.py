@@ -19,7 +19,7 @@ from absl import logging
 from onepfrac_jax.config import require, require_choice
 from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.fractals import render
-from onepfrac_jax.fractals.bank import BankSpec, build_bank
+from onepfrac_jax.fractals.bank import BankSpec, build_bank, patch_bits
 from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh, replicated
 
@@ -64,8 +64,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     images = jax.device_put(bank.images, replicated(mesh))
     class_params = jax.device_put(jnp.asarray(bank.class_params), replicated(mesh))
     probs = jnp.asarray(bank.probs)
-    render_one = functools.partial(render.render, image_size=spec.image_size, pad=spec.pad,
-                                   num_points=spec.num_points, draw_mode=spec.draw_mode)
+    # fresh mode: new chain points per sample; the patch cells per step index stay the bank's (masks are drawn
+    # independently of the points, so this leaves the image distribution unchanged)
+    render_one = functools.partial(render.render_with_bits, bits=patch_bits(spec), image_size=spec.image_size,
+                                   pad=spec.pad, num_points=spec.num_points)
 
     order_key = loop.stream_key(config.seed, _ORDER_STREAM)  # epoch permutations: a stream of their own
 
