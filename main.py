@@ -24,6 +24,7 @@ STAGES = {
     "generate": "onepfrac_jax.fractals.generate",
     "pretrain": "onepfrac_jax.train.pretrain",
     "finetune": "onepfrac_jax.train.finetune",
+    "bootstrap": "onepfrac_jax.train.bootstrap",
     "demo": "onepfrac_jax.demo",
 }
 

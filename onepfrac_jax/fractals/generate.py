@@ -9,9 +9,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from onepfrac_jax.config import ConfigError, prepare_workdir, to_json
@@ -55,21 +57,36 @@ def write_image_folder(images: np.ndarray, root: Path) -> None:
                 logging.info("wrote %d/%d PNGs (%.0f images/s)", done, total, rate)
 
 
+def gather_images(bank: FractalBank) -> np.ndarray:
+    """The bank's kept images as one host array on every process (collective when the bank spans processes)."""
+    if bank.images.is_fully_addressable:
+        images = np.asarray(bank.images)
+    else:  # each process holds only its devices' rows
+        images = np.asarray(multihost_utils.process_allgather(bank.images, tiled=True))
+    return images[: bank.spec.num_classes]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> FractalBank:
+    """Renders the bank over all devices of all processes; process 0 writes the files."""
     spec = bank_spec(config)
     spec.validate()
+    main_process = jax.process_index() == 0
     existed = Path(workdir).exists()
+    # Every process checks the workdir: process 0 writes only after the (collective) rendering, so after all
+    # processes have looked, and a refusal is then the same error on each.
     path = prepare_workdir(workdir, overwrite=config.overwrite)
     try:
         start = time.perf_counter()
         bank = build_bank(spec, progress=lambda line: logging.info("%s", line))
-        images = np.asarray(bank.images)[: spec.num_classes]
+        images = gather_images(bank)
         logging.info("bank of %d classes at %d² rendered in %.1f s", spec.num_classes, spec.image_size,
                      time.perf_counter() - start)
     except ConfigError:
-        if not existed:
+        if not existed and main_process:
             path.rmdir()
         raise
+    if not main_process:
+        return bank
     write_image_folder(images, path / "images")
     (path / "params.json").write_text(json.dumps(bank.to_json(), indent=1))
     preview(images).save(path / "preview.png")

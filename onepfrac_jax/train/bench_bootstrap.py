@@ -1,20 +1,24 @@
 """Bootstrapping's joint and shared train steps against a lone-ViT step at the same batch, on this machine.
 
-    python -m onepfrac_jax.train.bench_bootstrap [--variants digits_demo,cifar100_small --batch 16 --steps 5]
+    python -m onepfrac_jax.train.bench_bootstrap [--variants digits_demo,cifar100_small --batch 16 --steps 7]
 
-Every column times the loop's real jitted step (on-device augmentation, forward and backward, AdamW update)
-on one fixed batch of random uint8 images; the lone ViT is the stage's own ViT trained with plain
-cross-entropy. `digits_demo` runs at its batch of 64 unless --batch is given; the paper variants at --batch.
+Every column is the median time of the loop's own jitted train step (on-device augmentation, forward and
+backward, AdamW update, donated state) on one fixed batch of random uint8 images; the lone ViT is the stage's
+own ViT (same batch, augmentation and optimizer) trained with plain cross-entropy. `digits_demo` runs at its
+batch of 64 unless --batch is given; the paper variants at --batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import app, flags
 
@@ -26,7 +30,7 @@ from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
 _VARIANTS = flags.DEFINE_list("variants", ["digits_demo", "cifar100_small"],
                               "config families: <family>_joint and <family>_shared of configs/bootstrap.py")
 _BATCH = flags.DEFINE_integer("batch", 16, "global batch of the paper variants (and of the demo when given)")
-_STEPS = flags.DEFINE_integer("steps", 5, "timed steps per measurement")
+_STEPS = flags.DEFINE_integer("steps", 7, "timed rounds; each round times one step of every column")
 _WARMUP = flags.DEFINE_integer("warmup", 2, "untimed steps first (compilation, allocator warm-up)")
 
 
@@ -54,19 +58,32 @@ def _host_batch(source: RandomSource, batch: int, mesh: Mesh) -> dict[str, jax.A
     return jax.device_put(arrays, data_sharding(mesh))
 
 
-def ms_per_step(task: loop.Task, config, mesh: Mesh, item: dict[str, jax.Array]) -> float:
-    """Milliseconds per jitted train step of `task` (the loop's own step), after warm-up."""
+def compiled_step(task: loop.Task, config: ml_collections.ConfigDict, mesh: Mesh,
+                  item: dict[str, jax.Array]) -> Callable[[], None]:
+    """The loop's own jitted train step of `task` as a no-argument call that runs one step to completion."""
     tx, lr = loop._build_optimizer(task, config)
     step = jax.jit(loop._make_train_step(task, tx, lr, config.seed, dynamic_scaling=False), donate_argnums=0)
     state = loop.init_state(task, tx, config.seed, mesh)
+
+    def run() -> None:
+        nonlocal state
+        state, _ = step(state, item)
+        jax.block_until_ready(state)
+
     for _ in range(_WARMUP.value):
-        state, _ = step(state, item)
-    jax.block_until_ready(state)
-    start = time.perf_counter()
+        run()
+    return run
+
+
+def median_ms(steps: dict[str, Callable[[], None]]) -> dict[str, float]:
+    """Median milliseconds per step of each, timed in turns so that they share the machine's changing load."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(_STEPS.value):
-        state, _ = step(state, item)
-    jax.block_until_ready(state)
-    return 1000 * (time.perf_counter() - start) / _STEPS.value
+        for name, run in steps.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def lone_vit(task: loop.Task, vit: ViT, image_size: int) -> loop.Task:
@@ -76,7 +93,7 @@ def lone_vit(task: loop.Task, vit: ViT, image_size: int) -> loop.Task:
                                loss_fn=classify.soft_target_loss(vit), optimizer_labels=None)
 
 
-def _config(family: str, mode: str, batch: int | None):
+def _config(family: str, mode: str, batch: int | None) -> ml_collections.ConfigDict:
     config = bootstrap_config.get_config(f"{family}_{mode}")
     if batch is not None:
         config.batch_size = batch
@@ -87,13 +104,13 @@ def main(argv: list[str]) -> None:
     del argv
     mesh = make_data_mesh()
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), "
-          f"{_STEPS.value} timed steps after {_WARMUP.value} warm-up, float32")
+          f"median of {_STEPS.value} interleaved timed steps after {_WARMUP.value} warm-up, float32")
     print(f"{'variant':<16}{'px':>5}{'batch':>6}{'ViT ms':>9}{'joint ms':>10}{'joint/ViT':>11}{'shared ms':>11}"
           f"{'shared/ViT':>12}")
     for family in _VARIANTS.value:
         demo = family.startswith("digits")
         batch = None if demo and _BATCH.value == _BATCH.default else _BATCH.value
-        times = {}
+        steps = {}
         for mode in bootstrap.MODES:
             config = _config(family, mode, batch)
             # 100 classes as CIFAR-100; the source is long enough for any batch.
@@ -101,8 +118,9 @@ def main(argv: list[str]) -> None:
             task, vit, _ = bootstrap.build_task(config, source, source, mesh)
             item = _host_batch(source, config.batch_size, mesh)
             if mode == "joint":
-                times["vit"] = ms_per_step(lone_vit(task, vit, config.image_size), config, mesh, item)
-            times[mode] = ms_per_step(task, config, mesh, item)
+                steps["vit"] = compiled_step(lone_vit(task, vit, config.image_size), config, mesh, item)
+            steps[mode] = compiled_step(task, config, mesh, item)
+        times = median_ms(steps)
         print(f"{family:<16}{config.image_size:>5}{config.batch_size:>6}{times['vit']:>9.1f}{times['joint']:>10.1f}"
               f"{times['joint'] / times['vit']:>11.2f}{times['shared']:>11.1f}{times['shared'] / times['vit']:>12.2f}")
 

@@ -43,10 +43,10 @@ from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
 
 MODES = ("joint", "shared")
 PAPER_WEIGHTS = {"joint": BootstrapLossWeights.JOINT, "shared": BootstrapLossWeights.SHARED}
-WEIGHT_FIELDS = ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn", "hint")
+TERMS = ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn", "hint")  # the unweighted loss terms, also the weights' names
 # Agent dimensions the config may override; -1 keeps the preset's value.
 AGENT_DIMS = ("embed_dim", "depth", "num_heads")
-TERMS = ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn", "hint")
+AGENT_DROPOUT = 0.1  # the MLP dropout of every agent in the authors' configs
 METRICS = {"joint": ("loss", "loss_vit", "loss_cnn", *TERMS, "hint_decay"), "shared": ("loss", *TERMS, "hint_decay")}
 EVAL_NAMES = ("val_top1_vit", "val_top1_agent")
 
@@ -54,7 +54,7 @@ EVAL_NAMES = ("val_top1_vit", "val_top1_agent")
 def loss_weights(config: ml_collections.ConfigDict) -> BootstrapLossWeights:
     """The configured weights; a weight of -1 takes the mode's paper value."""
     paper = PAPER_WEIGHTS[config.mode]
-    weights = {f: getattr(paper, f) if config.loss[f] == -1 else float(config.loss[f]) for f in WEIGHT_FIELDS}
+    weights = {f: getattr(paper, f) if config.loss[f] == -1 else float(config.loss[f]) for f in TERMS}
     try:
         return BootstrapLossWeights(**weights, temperature=float(config.loss.temperature))
     except ValueError as e:
@@ -74,8 +74,8 @@ def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[V
     a = config.agent
     require(a.preset in AGENT_PRESETS, f"agent.preset={a.preset!r} is not one of {', '.join(sorted(AGENT_PRESETS))}")
     shared = config.mode == "shared"
-    # The shared agent's MLP is the ViT's, so it takes the ViT's dropout; the authors' own agents use 0.1.
-    default_dropout = vit.drop_rate if shared else 0.1
+    # The shared agent's MLP is the ViT's, so it takes the ViT's dropout.
+    default_dropout = vit.drop_rate if shared else AGENT_DROPOUT
     overrides = {name: a[name] for name in AGENT_DIMS if a[name] > 0}
     try:
         agent = create_agent(
@@ -102,14 +102,20 @@ def check_pair(config: ml_collections.ConfigDict, vit: ViT, agent: Agent | Share
         ours, theirs = (agent.embed_dim, agent.depth, agent.num_heads), (vit.embed_dim, vit.depth, vit.num_heads)
         require(ours == theirs, f"mode=shared computes agent block i from ViT layer i, so width, block count and "
                                 f"heads must be equal: {names} differ")
+    layers = hint_layers(config)
+    valid = min(agent.depth, vit.depth)
+    bad = [i for i in layers or () if not 0 <= i < valid]
+    require(not bad, f"loss.hint_layers={layers}: {bad} out of range for {names}; valid block indices are "
+                     f"0..{valid - 1}")
     images = jnp.zeros((1, config.image_size, config.image_size, 3))
 
     def hint_shapes(key: jax.Array) -> jax.Array:
-        vit_params = vit.init(key, images)["params"]
-        args = (images, vit_params) if isinstance(agent, SharedAgent) else (images,)
-        _, vit_blocks = vit.apply({"params": vit_params}, images, return_blocks=True)
-        _, cnn_blocks = agent.apply(agent.init(key, *args, train=False), *args, train=False, return_blocks=True)
-        return hint_losses(vit_blocks, cnn_blocks, hint_layers(config))
+        variables = init_variables(vit, agent, config.image_size)(key)
+        params = variables["params"]
+        _, vit_blocks = vit.apply({"params": params["vit"]}, images, return_blocks=True)
+        _, cnn_blocks = agent.apply({"params": params["agent"], "batch_stats": variables["batch_stats"]},
+                                    *_agent_args(agent, images, params), train=False, return_blocks=True)
+        return hint_losses(vit_blocks, cnn_blocks, layers)
 
     try:
         jax.eval_shape(hint_shapes, jax.random.key(0))
@@ -124,14 +130,14 @@ def init_variables(vit: ViT, agent: Agent | SharedAgent, image_size: int) -> Cal
         vit_key, agent_key = jax.random.split(key)
         images = jnp.zeros((1, image_size, image_size, 3))
         vit_params = vit.init(vit_key, images)["params"]
-        args = (images, vit_params) if isinstance(agent, SharedAgent) else (images,)
-        variables = agent.init(agent_key, *args, train=False)
+        variables = agent.init(agent_key, *_agent_args(agent, images, {"vit": vit_params}), train=False)
         return {"params": {"vit": vit_params, "agent": variables["params"]}, "batch_stats": variables["batch_stats"]}
 
     return init
 
 
 def _agent_args(agent: Agent | SharedAgent, images: jax.Array, params: dict) -> tuple:
+    """The agent's call arguments: a shared agent also takes the ViT's params."""
     return (images, params["vit"]) if isinstance(agent, SharedAgent) else (images,)
 
 

@@ -209,18 +209,61 @@ def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Me
     return jax.jit(init, out_shardings=replicated(mesh))()
 
 
+def _preemption_sync_manager() -> Any:
+    """JAX's preemption service of this multi-process run, or None (single process, or the service is off)."""
+    from jax._src import distributed as jax_distributed  # no public accessor; absent in other versions: None
+
+    state = getattr(jax_distributed, "global_state", None)
+    return getattr(state, "preemption_sync_manager", None) if jax.process_count() > 1 else None
+
+
+# Calls of `_Stop.agreed` over the process's lifetime: the counter JAX's preemption sync point is agreed on. It
+# only grows (a second train() in one process goes on from it), as the protocol needs, and every process makes the
+# same calls in the same order.
+_sync_calls = 0
+
+
 class _Stop:
-    """SIGTERM asks the loop to checkpoint and leave at the next step boundary."""
+    """SIGTERM asks the loop to checkpoint and leave at a step boundary that every process agrees on.
+
+    A checkpoint save is collective, so all processes must stop at the same step even when only some of them got
+    the signal. One process: a Python handler sets a flag. Several (after jax.distributed.initialize): JAX's
+    preemption service has installed its own SIGTERM handler in C++, which tells the coordination service; all
+    processes then reach the same sync point (`reached_preemption_sync_point`, a cheap local check each step). Our
+    handler is not installed there, as it would replace JAX's. Several processes without that service
+    (jax_enable_preemption_service=False): our handler, and each step an all-gather of the flags.
+    """
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self._sync = _preemption_sync_manager()
+        self._received = False
+        self.previous = None
+        if self._sync is None:
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        self._received = True
+
+    def agreed(self) -> bool:
+        """Whether to stop now; the same answer on every process. Call once per step on every process."""
+        global _sync_calls
+        if self._sync is not None:
+            _sync_calls += 1
+            self.requested = self._sync.reached_sync_point(_sync_calls)
+        elif jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            self.requested = bool(np.any(multihost_utils.process_allgather(np.array(self._received))))
+        else:
+            self.requested = self._received
+        return self.requested
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self.previous)
+        # After a stop the process is on its way out: a later SIGTERM (a launcher signals each process in turn)
+        # must not kill it while its peers still wait for it at JAX's shutdown barrier, so ours stays.
+        if self.previous is not None and not self.requested:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> TrainState:
@@ -265,7 +308,7 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mes
     eval_every = task.eval_every_steps or config.eval_every_steps or task.steps_per_epoch
 
     # ---- the loop ----------------------------------------------------------------------------------------------
-    stop = _Stop()
+    stop, stopped = _Stop(), False
     pending: list[tuple[int, dict]] = []
     last_saved = start if start > 0 else None
     tick, wait, interval_start = time.perf_counter(), 0.0, start
@@ -314,32 +357,43 @@ def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mes
             if done % config.checkpoint_every_steps == 0 or done == task.total_steps:
                 flush(done)
                 save(done)
-            if stop.requested:
+            # Every process asks every step (the answer is collective); at the last step the run is complete.
+            if stop.agreed() and done < task.total_steps:
                 flush(done)
-                save(done)
+                if last_saved != done:  # not saved just above as a regular checkpoint
+                    save(done)
                 checkpoints.wait()
                 logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done, path / "checkpoints")
+                stopped = True
                 break
     finally:
         stop.restore()
         checkpoints.close()
         writer.close()
 
-    if not stop.requested and task.export is not None and main_process:
+    if not stopped and task.export is not None and main_process:
         for name, file in task.export(state, path / "export").items():
             print(f"{name}: {file}")
     return state
 
 
 def load_latest_variables(workdir: Path) -> dict:
-    """The latest checkpoint's params and other collections as NumPy arrays, without rebuilding the optimizer."""
+    """The latest checkpoint's params and other collections as NumPy arrays, whatever topology saved it.
+
+    Restoring onto NumPy targets built from the checkpoint's metadata does not depend on the devices of the run
+    that saved it (restoring onto its recorded shardings fails elsewhere with "Topology mismatch").
+    """
     import orbax.checkpoint as ocp
 
-    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve())
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
     step = manager.latest_step()
     if step is None:
+        manager.close()
         raise ConfigError(f"{workdir} holds no checkpoint")
-    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    metadata = manager.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(metadata, "tree", metadata),
+                          is_leaf=lambda m: hasattr(m, "shape"))
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
     manager.close()
-    state = restored.state
     return {"params": state["params"], **state["extra"]}

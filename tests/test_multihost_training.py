@@ -1,0 +1,184 @@
+"""Training stages under 2 processes x 2 CPU devices, through main.py, against 1 process x 4 devices.
+
+Every run goes through the multi-process harness of test_multihost (`run_processes` / `LocalRun`), the 1 x 4 side
+too (`run_processes(1, 4, ...)`), so both sides start the same way. Runs that do not depend on each other start
+together to keep the wall time down.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+from test_multihost import LocalRun
+from test_stages import TINY_MODEL, TINY_PRETRAIN, csv_rows, make_image_folder
+
+from onepfrac_jax.train.loop import load_latest_variables
+
+# The learning rate is constant (no warm-up, cosine from lr to min_lr = lr), so the schedule does not depend on
+# total_steps: a run to 4 steps continued to 6 must then equal a run to 6 bit for bit.
+PRETRAIN = {**TINY_PRETRAIN, "optim.warmup_steps": 0, "optim.min_lr": 1e-3}
+FINETUNE = {"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3,
+            **TINY_MODEL, "data.image_size": 20, "augment.auto_augment": "", "augment.mixup_alpha": 0.0,
+            "augment.cutmix_alpha": 0.0, "augment.re_prob": 0.0}
+GENERATE = {"seed": 2, "num_classes": 8, "image_size": 32, "pad": 2, "num_points": 2000, "classes_per_call": 8,
+            "fill_threshold": 0.21}  # one class goes through re-draw rounds (as in test_multihost)
+TIMEOUT = 300
+
+
+def main_argv(config: str, workdir: Path, overrides: Mapping[str, object]) -> list[str]:
+    return ["main.py", "--config", config, f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in overrides.items())]
+
+
+def start(n: int, devices: int, argv: list[str], log_dir: Path) -> LocalRun:
+    log_dir.mkdir(parents=True)
+    return LocalRun(n, devices, argv, log_dir)
+
+
+def finish(run: LocalRun, timeout: float = TIMEOUT) -> list[str]:
+    """Waits for `run` (LocalRun of test_multihost, as run_processes does); every process must exit 0; their stderr."""
+    results = run.wait(timeout)
+    for i, result in enumerate(results):
+        assert result.returncode == 0, f"process {i} exited with {result.returncode}:\n{run.tail(i)}"
+    return [r.stderr for r in results]
+
+
+def losses(workdir: Path) -> list[float]:
+    return [float(r["loss"]) for r in csv_rows(workdir / "metrics.csv")]
+
+
+def assert_same_params(a: Path, b: Path, atol: float | None) -> None:
+    """The latest checkpoints of two runs: equal within `atol`, or bitwise when `atol` is None."""
+    x, y = load_latest_variables(a), load_latest_variables(b)
+    assert jax.tree.structure(x) == jax.tree.structure(y)
+    for u, v in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+        if atol is None:
+            np.testing.assert_array_equal(u, v)
+        else:
+            np.testing.assert_allclose(u, v, rtol=0, atol=atol)
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+# ------------------------------------------------------------------------------------- 2 x 2 against 1 x 4 ----
+
+@pytest.fixture(scope="module")
+def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
+    """Three pre-train runs started together: 1 x 4 and 2 x 2 to 4 steps, and 2 x 2 to 6 steps."""
+    root = tmp_path_factory.mktemp("pretrain")
+    runs = {"1x4": (1, 4, 4), "2x2": (2, 2, 4), "2x2_to_6": (2, 2, 6)}
+    started = {name: start(n, d, main_argv("configs/pretrain.py:demo", root / name, {**PRETRAIN, "total_steps": t}),
+                           root / f"logs_{name}") for name, (n, d, t) in runs.items()}
+    for run in started.values():
+        finish(run)
+    return {name: root / name for name in runs}
+
+
+def test_pretrain_on_2_processes_matches_1_process_of_4_devices(pretrain_runs):
+    one, two = pretrain_runs["1x4"], pretrain_runs["2x2"]
+    assert len(losses(one)) == 4
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    assert_same_params(one, two, atol=1e-5)
+    # Only process 0 writes the run directory's files, and both runs hold the same ones.
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4]
+
+
+def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(tmp_path):
+    make_image_folder(tmp_path / "data")  # 3 classes x 8 training images: one epoch is 3 steps of 8
+    overrides = {**FINETUNE, "data.data_dir": tmp_path / "data"}
+    runs = {name: start(n, d, main_argv("configs/finetune.py:imagefolder", tmp_path / name, overrides),
+                        tmp_path / f"logs_{name}") for name, (n, d) in {"1x4": (1, 4), "2x2": (2, 2)}.items()}
+    for run in runs.values():
+        finish(run)
+    one, two = tmp_path / "1x4", tmp_path / "2x2"
+    assert len(losses(one)) == 6
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    # The validation pass too: the same accuracy after each epoch.
+    top1 = lambda w: [(r["step"], r["val_top1"]) for r in csv_rows(w / "metrics.csv") if r["val_top1"]]
+    assert top1(two) == top1(one) and [s for s, _ in top1(one)] == ["3", "6"]
+    assert_same_params(one, two, atol=1e-5)
+    assert json.loads((two / "result.json").read_text()) == json.loads((one / "result.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------ resume ----
+
+def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_runs, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(pretrain_runs["2x2"], workdir)  # 2 x 2, stopped at step 4 with checkpoints at 2 and 4
+    argv = main_argv("configs/pretrain.py:demo", workdir, {**PRETRAIN, "total_steps": 6, "resume": True})
+    stderr = finish(start(2, 2, argv, tmp_path / "logs"))
+    for text in stderr:
+        assert re.search(r"resumed from \S+ at step 4", text), text[-2000:]
+    # Bitwise: same devices, same per-step keys, the same compiled step; the restored state is the saved one.
+    assert_same_params(workdir, pretrain_runs["2x2_to_6"], atol=None)
+    assert [int(r["step"]) for r in csv_rows(workdir / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+    assert losses(workdir) == losses(pretrain_runs["2x2_to_6"])
+
+
+# ----------------------------------------------------------------------------------------------- SIGTERM ----
+
+# Long enough that it is still running when the signal comes; checkpoints every 50 steps.
+ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 50, "log_every_steps": 10}
+
+
+def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path):
+    """launch/local.sh (like SLURM) sends SIGTERM to every process, not all at the same instant.
+
+    Here process 1 gets it first and process 0 a second later. JAX's preemption service (loop._Stop) makes both
+    stop at one agreed step: both save there (a save is collective) and exit 0. With only a Python handler per
+    process, process 1 would stop alone and process 0 would wait for it in the next collective.
+    """
+    workdir = tmp_path / "run"
+    run = start(2, 2, main_argv("configs/pretrain.py:demo", workdir, ENDLESS), tmp_path / "logs")
+    deadline = time.monotonic() + TIMEOUT
+    while not (workdir / "checkpoints" / "50").exists():
+        assert all(p.poll() is None for p in run.procs), run.tail(0) + run.tail(1)
+        assert time.monotonic() < deadline, "no checkpoint at step 50"
+        time.sleep(0.05)
+    run.procs[1].send_signal(signal.SIGTERM)
+    time.sleep(1)
+    if run.procs[0].poll() is None:
+        run.procs[0].send_signal(signal.SIGTERM)
+    stderr = finish(run, timeout=120)
+    said = [re.search(r"SIGTERM: saved a checkpoint at step (\d+)", text) for text in stderr]
+    assert all(said), stderr[0][-2000:] + stderr[1][-2000:]
+    step = int(said[0].group(1))
+    assert int(said[1].group(1)) == step and 50 <= step < 100_000
+    assert checkpoint_steps(workdir)[-1] == step
+    assert not (workdir / "export").exists()  # a stopped run does not export
+    assert int(csv_rows(workdir / "metrics.csv")[-1]["step"]) <= step
+
+
+# ---------------------------------------------------------------------------------------------- generate ----
+
+def test_generate_on_2_processes_writes_the_bank_of_1_process(tmp_path):
+    runs = {name: start(n, d, main_argv("configs/generate.py:demo", tmp_path / name, GENERATE),
+                        tmp_path / f"logs_{name}") for name, (n, d) in {"1x4": (1, 4), "2x2": (2, 2)}.items()}
+    for run in runs.values():
+        finish(run)
+    one, two = tmp_path / "1x4", tmp_path / "2x2"
+    params = json.loads((one / "params.json").read_text())
+    assert any(c["redraws"] for c in params["classes"])  # the re-draw path ran
+    assert json.loads((two / "params.json").read_text()) == params
+    files = sorted(p.relative_to(one) for p in (one / "images").rglob("*.png"))
+    assert len(files) == 8 and files == sorted(p.relative_to(two) for p in (two / "images").rglob("*.png"))
+    for file in files:  # both halves of the bank: process 1's rows reached process 0's files
+        np.testing.assert_array_equal(np.asarray(Image.open(two / file)), np.asarray(Image.open(one / file)))
+    assert sorted(p.name for p in two.iterdir()) == ["config.json", "images", "params.json", "preview.png"]
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
