@@ -210,6 +210,14 @@ class TrainIterator:
             self._host.close()
 
 
+
+def train_inputs(source: Source, data: Any, *, seed: int, global_batch: int, sharding: jax.sharding.Sharding,
+                 start: int) -> Iterator[dict[str, jax.Array]]:
+    """The training loop's host inputs from step `start`: global batches, with the `data` config's read options."""
+    iterator = TrainIterator(source, seed=seed, global_batch=global_batch, sharding=sharding, start_step=start,
+                             num_threads=data.num_threads, prefetch_batches=data.prefetch_batches)
+    return (item for _, item in iterator)
+
 def eval_batches(
     source: Source,
     *,

@@ -228,10 +228,8 @@ def build_task(config: ml_collections.ConfigDict, train_source: Source, val_sour
     total_epochs = total / steps_per_epoch  # the hint reaches weight 0 at the end of training
 
     def inputs(start: int):
-        iterator = pipeline.TrainIterator(train_source, seed=config.seed, global_batch=batch, sharding=sharding,
-                                          start_step=start, num_threads=config.data.num_threads,
-                                          prefetch_batches=config.data.prefetch_batches)
-        return (item for _, item in iterator)
+        return pipeline.train_inputs(train_source, config.data, seed=config.seed, global_batch=batch,
+                                     sharding=sharding, start=start)
 
     def make_batch(key, item, step):
         images, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,

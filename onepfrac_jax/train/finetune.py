@@ -78,10 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         return model.init(key, jax.numpy.zeros((1, config.image_size, config.image_size, 3)))
 
     def inputs(start: int):
-        iterator = pipeline.TrainIterator(train_source, seed=config.seed, global_batch=batch, sharding=sharding,
-                                          start_step=start, num_threads=config.data.num_threads,
-                                          prefetch_batches=config.data.prefetch_batches)
-        return (item for _, item in iterator)
+        return pipeline.train_inputs(train_source, config.data, seed=config.seed, global_batch=batch,
+                                     sharding=sharding, start=start)
 
     def make_batch(key, item, step):
         x, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,
