@@ -32,6 +32,11 @@ def prepare_workdir(workdir: str | os.PathLike, overwrite: bool) -> Path:
     require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise ConfigError(f"workdir {path} is not empty; pass --config.overwrite=True to write into it anyway")
+    return create_dir(path)
+
+
+def create_dir(path: Path) -> Path:
+    """Creates the workdir `path` (and parents); an impossible or unwritable one is a ConfigError."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -46,6 +46,12 @@ class BankSpec:
     max_redraws: int = 100  # fresh perturbations tried per class before giving up
     classes_per_call: int = 32  # classes per device call (rounded up to the device count): small calls stay in cache
 
+    @classmethod
+    def from_config(cls, config, renamed: dict[str, str] | None = None) -> BankSpec:
+        """The spec named by a config's fields: each field is the config key of the same name, or renamed[field]."""
+        renamed = renamed or {}
+        return cls(**{f.name: config[renamed.get(f.name, f.name)] for f in dataclasses.fields(cls)})
+
     def validate(self) -> None:
         """Raises ConfigError with one clear message for the first invalid field."""
         n = self.num_maps

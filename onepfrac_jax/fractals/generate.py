@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -21,11 +20,6 @@ from onepfrac_jax.fractals.bank import BankSpec, FractalBank, build_bank
 
 PREVIEW_CLASSES = 64
 PREVIEW_TILE = 128
-
-
-def bank_spec(config: ml_collections.ConfigDict) -> BankSpec:
-    """The BankSpec named by a config's fractal fields (each BankSpec field is a config key of the same name)."""
-    return BankSpec(**{f.name: config[f.name] for f in dataclasses.fields(BankSpec)})
 
 
 def preview(images: np.ndarray, tile: int = PREVIEW_TILE) -> Image.Image:
@@ -68,7 +62,7 @@ def gather_images(bank: FractalBank) -> np.ndarray:
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> FractalBank:
     """Renders the bank over all devices of all processes; process 0 writes the files."""
-    spec = bank_spec(config)
+    spec = BankSpec.from_config(config)
     spec.validate()
     main_process = jax.process_index() == 0
     existed = Path(workdir).exists()

@@ -24,7 +24,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from onepfrac_jax.config import ConfigError, require, require_choice, to_json
+from onepfrac_jax.config import ConfigError, create_dir, require, require_choice, to_json
 from onepfrac_jax.train import optim
 from onepfrac_jax.train.checkpoint import Checkpoints
 from onepfrac_jax.train.mesh import Mesh, make_data_mesh, replicated
@@ -132,19 +132,14 @@ def prepare_run_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[Pa
             raise ConfigError(f"workdir {path} is not empty and holds no run; pass --config.overwrite=True to "
                               f"delete its contents")
         else:
-            differs = _comparable(saved.read_text()) != _comparable(to_json(config))
-            if differs and not config.resume:
-                old, new = _comparable(saved.read_text()), _comparable(to_json(config))
+            old, new = _comparable(saved.read_text()), _comparable(to_json(config))
+            if old != new and not config.resume:
                 keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
                 raise ConfigError(f"workdir {path} holds a run with a different config (differs in: "
                                   f"{', '.join(keys)}); pass --config.resume=True to continue it with this config, "
                                   f"or --config.overwrite=True to start afresh")
             return path, True
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"workdir {path} cannot be created: {e.strerror}") from e
-    return path, False
+    return create_dir(path), False
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -6,7 +6,6 @@ keyed permutation of the L classes, so the batch is a pure function of (seed, st
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -29,10 +28,6 @@ _RENAMED = {"seed": "fractal_seed", "image_size": "render_size"}
 _ORDER_STREAM = 2
 
 
-def bank_spec(config: ml_collections.ConfigDict) -> BankSpec:
-    return BankSpec(**{f.name: config[_RENAMED.get(f.name, f.name)] for f in dataclasses.fields(BankSpec)})
-
-
 def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, batch: int) -> jax.Array:
     """Labels of consecutive global examples: example g is position g mod L of epoch g // L's permutation."""
     first_epoch = indices[0] // num_classes
@@ -44,7 +39,7 @@ def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, bat
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.TrainState:
     # ---- config ------------------------------------------------------------------------------------------------
-    spec = bank_spec(config)
+    spec = BankSpec.from_config(config, _RENAMED)
     spec.validate()
     loop.validate_train_config(config)
     classify.validate_model_fields(config)
