@@ -6,10 +6,10 @@ from pathlib import Path
 
 import ml_collections
 
-from configs import finetune as finetune_configs
-from configs import generate as generate_configs
-from configs import pretrain as pretrain_configs
 from onepfrac_jax.config import prepare_workdir
+from onepfrac_jax.configs import finetune as finetune_configs
+from onepfrac_jax.configs import generate as generate_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.fractals import generate
 from onepfrac_jax.train import finetune, pretrain
 

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-from configs import bootstrap as bootstrap_config
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.configs import bootstrap as bootstrap_config
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.models.agent import SharedAgent
 from onepfrac_jax.models.vit import create_vit
+from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import bootstrap, finetune, loop
 from onepfrac_jax.train.losses import BootstrapLossWeights
-from onepfrac_jax.train.mesh import make_data_mesh
 
 DIM, DEPTH = 48, 2
 

@@ -8,7 +8,7 @@ import pytest
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import ifs, render
 from onepfrac_jax.fractals.bank import BankSpec, base_system, build_bank
-from onepfrac_jax.train.mesh import make_data_mesh
+from onepfrac_jax.parallel.mesh import make_data_mesh
 
 SMALL = BankSpec(seed=2, num_classes=12, image_size=64, pad=2, num_points=8_000, classes_per_call=8)
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import generate as generate_config
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.configs import generate as generate_config
 from onepfrac_jax.fractals import generate, render
 
 ROOT = Path(__file__).resolve().parents[1]

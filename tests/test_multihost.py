@@ -28,12 +28,12 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
-from onepfrac_jax.train import distributed
-from onepfrac_jax.train.mesh import make_data_mesh
+from onepfrac_jax.parallel import distributed
+from onepfrac_jax.parallel.mesh import make_data_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every snippet starts by joining the run its environment describes.
-PRELUDE = "import jax\nfrom onepfrac_jax.train import distributed\ndistributed.initialize()\n"
+PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
 # A fresh process's environment: nothing inherited may make it join some other run, or claim a GPU.
 _FOREIGN_ENV = ("ONEPFRAC_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS")
 
@@ -184,7 +184,7 @@ def test_two_processes_of_two_devices_make_one_four_device_mesh():
         import numpy as np
         from jax.experimental import multihost_utils
         from jax.sharding import NamedSharding, PartitionSpec
-        from onepfrac_jax.train.mesh import make_data_mesh
+        from onepfrac_jax.parallel.mesh import make_data_mesh
         mesh = make_data_mesh()
         full = np.arange(8 * 3, dtype=np.int32).reshape(8, 3)
         half = full[4 * jax.process_index() : 4 * (jax.process_index() + 1)]
@@ -279,7 +279,7 @@ def test_batch_not_divisible_by_the_devices_of_all_processes_exits_2(tmp_path):
 LOOP = """
     import time
     import numpy as np
-    from onepfrac_jax.train.mesh import data_sharding, make_data_mesh
+    from onepfrac_jax.parallel.mesh import data_sharding, make_data_mesh
     x = jax.make_array_from_process_local_data(data_sharding(make_data_mesh()), np.ones(2, np.float32))
     total = jax.jit(lambda a: a.sum())
     print("ready", float(total(x)), flush=True)
@@ -322,7 +322,7 @@ ENTRY = """
 import sys, time
 import jax
 from absl import app
-from onepfrac_jax.train import distributed
+from onepfrac_jax.parallel import distributed
 
 def main(argv):
     distributed.initialize()

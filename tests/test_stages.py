@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from configs import finetune as finetune_configs
-from configs import pretrain as pretrain_configs
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.configs import finetune as finetune_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
+from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, finetune, pretrain
 from onepfrac_jax.train.loop import load_latest_variables
-from onepfrac_jax.train.mesh import make_data_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}

@@ -11,9 +11,9 @@ import optax
 import pytest
 
 from onepfrac_jax.config import ConfigError, to_json
+from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import loop, optim
 from onepfrac_jax.train.checkpoint import Checkpoints
-from onepfrac_jax.train.mesh import make_data_mesh
 
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import ifs, render
-from onepfrac_jax.train.mesh import DATA, data_sharding, make_data_mesh, replicated
+from onepfrac_jax.parallel.mesh import DATA, data_sharding, make_data_mesh, replicated
 
 # fold_in constants that split the seed into independent streams
 _IFS_STREAM, _PERTURB_STREAM, _RENDER_STREAM = 0, 1, 2

@@ -54,7 +54,7 @@ def main() -> None:
     jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from onepfrac_jax.fractals import ifs
     from onepfrac_jax.fractals.bank import BankSpec, _sharded_renderer, base_system, build_bank, patch_bits, render_key
-    from onepfrac_jax.train.mesh import data_sharding, make_data_mesh
+    from onepfrac_jax.parallel.mesh import data_sharding, make_data_mesh
 
     mesh = make_data_mesh()
     spec = BankSpec(image_size=args.size, num_points=args.points)

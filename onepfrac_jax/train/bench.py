@@ -26,8 +26,8 @@ def main() -> None:
 
     import jax
 
-    from configs import finetune as finetune_configs
-    from configs import pretrain as pretrain_configs
+    from onepfrac_jax.configs import finetune as finetune_configs
+    from onepfrac_jax.configs import pretrain as pretrain_configs
     from onepfrac_jax.train import finetune, pretrain
 
     cases = [("pre-train (bank on device)", pretrain, pretrain_configs.get_config("demo")),

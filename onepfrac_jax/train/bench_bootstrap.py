@@ -22,10 +22,10 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from configs import bootstrap as bootstrap_config
+from onepfrac_jax.configs import bootstrap as bootstrap_config
 from onepfrac_jax.models.vit import ViT
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
 from onepfrac_jax.train import bootstrap, classify, loop
-from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
 
 _VARIANTS = flags.DEFINE_list("variants", ["digits_demo", "cifar100_small"],
                               "config families: <family>_joint and <family>_shared of configs/bootstrap.py")

@@ -30,6 +30,7 @@ from onepfrac_jax.export.agent import export_agent
 from onepfrac_jax.export.timm import export_vit
 from onepfrac_jax.models.agent import AGENT_PRESETS, Agent, SharedAgent, create_agent
 from onepfrac_jax.models.vit import ViT
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
 from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.losses import (
     BootstrapLossWeights,
@@ -39,7 +40,6 @@ from onepfrac_jax.train.losses import (
     shared_loss,
     top1_correct,
 )
-from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
 
 MODES = ("joint", "shared")
 PAPER_WEIGHTS = {"joint": BootstrapLossWeights.JOINT, "shared": BootstrapLossWeights.SHARED}

@@ -13,8 +13,8 @@ import ml_collections
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.data.augment import AugmentConfig, eval_transform
 from onepfrac_jax.export.timm import export_vit
-from onepfrac_jax.models.vit import VIT_PRESETS, ViT, create_vit
-from onepfrac_jax.train.loop import DTYPES, TrainState
+from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit
+from onepfrac_jax.train.loop import TrainState
 
 # Free ViT dimensions: -1 keeps the preset's value.
 FREE_DIMS = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")

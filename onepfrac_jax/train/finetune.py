@@ -19,8 +19,8 @@ from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.data.sources import make_source
 from onepfrac_jax.export.timm import load_timm_weights
 from onepfrac_jax.models.vit import ViT
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
 from onepfrac_jax.train import classify, loop
-from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 

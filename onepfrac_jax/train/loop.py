@@ -25,12 +25,12 @@ from absl import logging
 from flax import struct
 
 from onepfrac_jax.config import ConfigError, create_dir, require, require_choice, to_json
+from onepfrac_jax.models import DTYPES
+from onepfrac_jax.parallel.mesh import Mesh, make_data_mesh, replicated
 from onepfrac_jax.train import optim
 from onepfrac_jax.train.checkpoint import Checkpoints
-from onepfrac_jax.train.mesh import Mesh, make_data_mesh, replicated
 from onepfrac_jax.train.metrics import MetricWriter
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Keys that may differ between a run's saved config and the command that resumes it.
 _RUN_CONTROL_KEYS = ("resume", "overwrite")
 # float16 dynamic loss scaling: start high, halve on overflow, double after this many finite steps.

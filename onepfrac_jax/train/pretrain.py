@@ -19,8 +19,8 @@ from onepfrac_jax.config import require, require_choice
 from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.fractals import render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank, patch_bits
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh, replicated
 from onepfrac_jax.train import classify, loop
-from onepfrac_jax.train.mesh import Mesh, data_sharding, make_data_mesh, replicated
 
 DATA_MODES = ("bank", "fresh")
 # Pre-train fields named after BankSpec's differ in two places: the bank has its own seed and render size.

@@ -21,7 +21,7 @@ agent_base_res_like, 2×2 pooled after blocks 2 and 8. The loss weights default 
 
 import ml_collections
 
-from configs.finetune import data_config
+from onepfrac_jax.configs.finetune import data_config
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.train import classify, loop
 

@@ -1,0 +1,1 @@
+"""Devices and processes: the one data mesh, and multi-process start-up."""
