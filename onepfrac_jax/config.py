@@ -1,16 +1,27 @@
-"""Config validation and the run directory: shared by every stage."""
+"""Config helpers shared by every stage: the errors main.py reports in one line, validation, variants."""
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import ml_collections
 
+# stage name -> module whose run(config, workdir) executes it; a config.json naming one marks a run of this project
+STAGES = {
+    "generate": "onepfrac_jax.fractals.generate",
+    "pretrain": "onepfrac_jax.train.pretrain",
+    "finetune": "onepfrac_jax.train.finetune",
+    "bootstrap": "onepfrac_jax.train.bootstrap",
+    "demo": "onepfrac_jax.demo",
+}
+
 
 class ConfigError(ValueError):
-    """A bad config value or run directory: main.py prints it as one line and exits non-zero."""
+    """A bad config value or run directory: main.py prints it as one `error:` line and exits with code 2."""
+
+
+class RunError(RuntimeError):
+    """A fault in a run that had started (e.g. a checkpoint cannot be written): one `error:` line, exit code 4."""
 
 
 def require(condition: bool, message: str) -> None:
@@ -26,20 +37,12 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def prepare_workdir(workdir: str | os.PathLike, overwrite: bool) -> Path:
-    """Creates `workdir`; refuses a non-empty one unless `overwrite` (then files are replaced one by one)."""
-    path = Path(workdir)
-    require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"workdir {path} is not empty; pass --config.overwrite=True to write into it anyway")
-    return create_dir(path)
-
-
-def create_dir(path: Path) -> Path:
-    """Creates the workdir `path` (and parents); an impossible or unwritable one is a ConfigError."""
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"workdir {path} cannot be created: {e.strerror}") from e
-    require(os.access(path, os.W_OK), f"workdir {path} is not writable")
-    return path
+def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:
+    """Sets dotted keys (`"optim.lr": 1e-3`) of a variant's table on `config`; returns it."""
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        target = config
+        for part in filter(None, section.split(".")):
+            target = target[part]
+        target[name] = value
+    return config

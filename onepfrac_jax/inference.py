@@ -13,7 +13,7 @@ import numpy as np
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.data.augment import augment_config, eval_transform
 from onepfrac_jax.train import classify
-from onepfrac_jax.train.loop import load_latest_variables
+from onepfrac_jax.train.checkpoint import load_variables
 
 CLASSIFY_STAGES = ("pretrain", "finetune")
 
@@ -30,7 +30,7 @@ def load(workdir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
     config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
     if config.stage not in CLASSIFY_STAGES:
         raise ConfigError(f"{workdir} is a {config.stage!r} run; load() serves {', '.join(CLASSIFY_STAGES)} runs")
-    variables = load_latest_variables(workdir)
+    variables = load_variables(workdir)
     num_classes = int(np.shape(variables["params"]["head"]["bias"])[0])
     model = classify.build_vit(config, num_classes)
     augment = augment_config(config.augment)

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import re
 import sys
 
 import jax
@@ -157,26 +158,87 @@ def test_head_is_reinitialised_when_class_count_differs(free_timm):
     assert load_timm_weights(no_head_sd, FREE)["head"]["kernel"].shape == (90, 10)
 
 
-def test_mismatched_keys_are_all_listed_in_one_error(free_timm):
+def _one_line_error(source, model) -> str:
+    """load_timm_weights' ValueError message, checked to be one line (main.py prints it as one)."""
+    with pytest.raises(ValueError) as err:
+        load_timm_weights(source, model)
+    message = str(err.value)
+    assert "\n" not in message and len(message) < 700, message
+    return message
+
+
+def test_mismatched_keys_are_summarised_in_one_line(free_timm):
     sd = _numpy_sd(free_timm)
     del sd["blocks.0.norm1.weight"]
     sd["dist_token"] = np.zeros((1, 1, 90), np.float32)
     sd["blocks.1.mlp.fc1.weight"] = np.zeros((368, 90), np.float32)
-    with pytest.raises(ValueError) as err:
-        load_timm_weights(sd, FREE)
-    message = str(err.value)
-    assert "missing: blocks.0.norm1.weight" in message
-    assert "unexpected: dist_token" in message
-    assert "shape mismatch: blocks.1.mlp.fc1.weight: checkpoint (368, 90) vs model (369, 90)" in message
+    message = _one_line_error(sd, FREE)
+    assert message == (
+        "state dict does not fit ViT(img_size=64, patch_size=8, embed_dim=90, depth=3, num_heads=3, mlp_dim=369, "
+        "num_classes=10): missing (1): blocks.0.norm1.weight; unexpected (1): dist_token; "
+        "wrong shape (1): blocks.1.mlp.fc1.weight checkpoint (368, 90) vs model (369, 90)")
+    # A deeper model misses 12 keys per block: the first few are named, the rest counted.
+    message = _one_line_error(_numpy_sd(free_timm), FREE.clone(depth=5))
+    assert "missing (24): blocks.3.attn.proj.bias, blocks.3.attn.proj.weight, blocks.3.attn.qkv.bias and 21 more" in (
+        message)
 
 
 def test_other_patch_grid_is_a_clear_error(free_timm):
-    grid_error = r"pos_embed: checkpoint \(1, 65, 90\) vs model \(1, 17, 90\)[\s\S]*another patch grid"
-    with pytest.raises(ValueError, match=grid_error):
-        load_timm_weights(_numpy_sd(free_timm), FREE.clone(img_size=32))
+    message = _one_line_error(_numpy_sd(free_timm), FREE.clone(img_size=32))
+    assert "wrong shape (1): pos_embed checkpoint (1, 65, 90) vs model (1, 17, 90); pos_embed holds another " \
+           "patch grid" in message
+
+
+def test_integer_weights_are_refused_not_cast(tmp_path, free_timm):
+    sd = _numpy_sd(free_timm)
+    sd["blocks.0.norm1.weight"] = sd["blocks.0.norm1.weight"].astype(np.int32)
+    sd["cls_token"] = sd["cls_token"] > 0
+    message = _one_line_error(sd, FREE)
+    assert message.endswith("not floating point (2): blocks.0.norm1.weight int32, cls_token bool")
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp_path / "ints.pth")
+    message = _one_line_error(tmp_path / "ints.pth", FREE)
+    assert message.endswith("not floating point (2): blocks.0.norm1.weight torch.int32, cls_token torch.bool")
+
+
+class _Opaque:
+    """A class torch.load(weights_only=True) refuses to unpickle."""
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "error"),
+    [
+        ("random.safetensors", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+         r"not a safetensors file: \S*random\.safetensors \(Error while deserializing header: header too large\)"),
+        ("empty.safetensors", lambda p: p.write_bytes(b""), r"not a safetensors file: \S*empty\.safetensors"),
+        ("random.pth", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)),
+         r"not a PyTorch checkpoint of tensors: \S*random\.pth \(Unsupported operand \d+\)"),
+        ("empty.pt", lambda p: p.write_bytes(b""), r"not a PyTorch checkpoint of tensors: \S*empty\.pt \(EOFError\)"),
+        ("object.bin", lambda p: torch.save({"x": _Opaque()}, p),
+         r"not a PyTorch checkpoint of tensors: \S*object\.bin \(Unsupported global: GLOBAL \S*_Opaque "),
+        ("tensor.pth", lambda p: torch.save(torch.zeros(3), p), r"\S*tensor\.pth holds a Tensor, not a state dict"),
+        ("folder.safetensors", lambda p: p.mkdir(), r"cannot read \S*folder\.safetensors: "),
+        ("folder.pth", lambda p: p.mkdir(), r"cannot read \S*folder\.pth: Is a directory"),
+    ],
+)
+def test_unreadable_weight_files_are_one_line_value_errors(tmp_path, name, write, error):
+    path = tmp_path / name
+    write(path)
+    assert re.fullmatch(error + ".*", _one_line_error(path, FREE))
+
+
+def test_torch_checkpoints_without_torch_say_what_to_install(tmp_path, monkeypatch, free_timm):
+    torch.save(free_timm.state_dict(), tmp_path / "model.pth")
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    message = _one_line_error(tmp_path / "model.pth", FREE)
+    assert message == (f"reading {tmp_path / 'model.pth'} needs PyTorch: pip install torch "
+                       "(a .safetensors file does not)")
 
 
 def test_export_rejects_params_of_another_model(free_timm):
     params = load_timm_weights(_numpy_sd(free_timm), FREE)
-    with pytest.raises(ValueError, match="blocks_0/mlp/fc1/kernel"):
+    with pytest.raises(ValueError) as err:
         flax_to_timm_state_dict(params, FREE.clone(mlp_dim=368))
+    message = str(err.value)
+    assert message.startswith("params tree does not fit ViT(img_size=64, patch_size=8, embed_dim=90, depth=3, ")
+    assert "wrong shape (9): blocks_0/mlp/fc1/bias (369,) vs model (368,), blocks_0/mlp/fc1/kernel " in message
+    assert message.endswith(" and 6 more") and "\n" not in message

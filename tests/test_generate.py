@@ -28,7 +28,7 @@ def tiny_config(**overrides):
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("gen") / "run"
-    bank = generate.run(tiny_config(), str(workdir))
+    bank = generate.run(tiny_config(), str(workdir)).state
     return workdir, bank
 
 
@@ -80,13 +80,21 @@ def test_preview_and_config(generated):
 
 def test_refuses_a_non_empty_workdir_unless_overwrite(generated, tmp_path):
     workdir, _ = generated
-    with pytest.raises(ConfigError, match="not empty"):
+    with pytest.raises(ConfigError, match=r"already holds a generate run; pass --config\.overwrite=True"):
         generate.run(tiny_config(), str(workdir))
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    generate.run(tiny_config(num_classes=2, overwrite=True), str(other))
-    assert (other / "keep.txt").exists() and (other / "images" / "00001" / "00000.png").exists()
+    with pytest.raises(ConfigError, match="is not a run of this project"):
+        generate.run(tiny_config(num_classes=2, overwrite=True), str(other))
+    assert sorted(p.name for p in other.iterdir()) == ["keep.txt"]
+
+
+def test_overwrite_over_a_larger_set_leaves_no_stale_class(tmp_path):
+    generate.run(tiny_config(num_classes=8), str(tmp_path / "run"))
+    generate.run(tiny_config(num_classes=3, overwrite=True), str(tmp_path / "run"))
+    assert sorted(p.name for p in (tmp_path / "run" / "images").iterdir()) == ["00000", "00001", "00002"]
+    assert len(json.loads((tmp_path / "run" / "params.json").read_text())["classes"]) == 3
 
 
 def test_a_degenerate_base_system_leaves_nothing_behind(tmp_path):

@@ -1,5 +1,6 @@
 """Host sources (ImageFolder, digits, TFDS) and the grain pipeline that turns them into global batches."""
 
+import re
 import sys
 from pathlib import Path
 
@@ -101,12 +102,152 @@ def test_unreadable_image_raises_on_read_naming_the_file(tree, damage):
     assert source[0]["label"] == 0  # the good files still read
     with pytest.raises(ConfigError, match=r"a2\.png"):
         source[position]
-    with pytest.raises(ConfigError, match=r"1 unreadable image.*a2\.png"):
-        source.verify()
+    with pytest.raises(ConfigError, match=r"^1 of 7 images under .*train cannot be decoded: .*a2\.png[^;]*$"):
+        sources.verify_source(source, max_files=100, num_threads=2)
     # Through the threaded grain pipeline the error still names the file.
     dataset = pipeline.eval_dataset(source, global_batch=len(source), rows=np.arange(len(source)))
     with pytest.raises(ConfigError, match=r"a2\.png"):
         next(pipeline.host_iterator(dataset))
+
+
+@pytest.mark.parametrize(
+    ("link", "target", "error"),
+    [
+        ("ant/loop", "..", r"ant/loop -> \S*/train is a loop"),
+        ("ant/sub", "../ant", r"ant/sub -> \S*/train/ant is a loop"),
+        ("bee/deeper/up", "..", r"bee/deeper/up -> \S*/train/bee is a loop"),
+        # A link to a class read later, and one to a class read earlier: the same folder in two classes.
+        ("ant/bees", "../bee", r"ant/bees -> \S*/train/bee makes one folder read twice: as \S*/train/ant/bees "
+                               r"\(class 'ant'\) and as \S*/train/bee \(class 'bee'\)"),
+        ("cat/ants", "../ant", r"cat/ants -> \S*/train/ant makes one folder read twice: as \S*/train/ant "
+                               r"\(class 'ant'\) and as \S*/train/cat/ants \(class 'cat'\)"),
+        ("dog", "cat", r"train/dog -> \S*/train/cat makes one folder read twice"),
+    ],
+)
+def test_symlinked_folders_read_twice_are_errors_naming_the_link(tree, link, target, error):
+    path = tree / "train" / link
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.symlink_to(target, target_is_directory=True)
+    with pytest.raises(ConfigError, match=error) as err:
+        sources.ImageFolderSource(tree / "train", image_size=8)
+    assert "\n" not in str(err.value)
+
+
+def test_symlinks_to_outside_folders_and_to_files_are_followed(tree, tmp_path):
+    outside = tmp_path / "elsewhere"
+    _save(outside / "more" / "m0.png", COLOURS["ant"], (6, 6))
+    _save(outside / "more" / "m1.png", COLOURS["ant"], (6, 6))
+    (tree / "train" / "ant" / "linked").symlink_to(outside / "more", target_is_directory=True)
+    # A file link is just another image, even one into another class's folder.
+    (tree / "train" / "ant" / "copy.png").symlink_to(tree / "train" / "bee" / "b1.png")
+    source = sources.ImageFolderSource(tree / "train", image_size=8)
+    ant = [str(p.relative_to(tree / "train")) for p, label in zip(source.paths, source.labels, strict=True)
+           if label == 0]
+    assert ant == ["ant/a0.jpeg", "ant/a1.bmp", "ant/copy.png", "ant/linked/m0.png", "ant/linked/m1.png"]
+    assert len(source) == 9
+    np.testing.assert_allclose(source[2]["image"].reshape(-1, 3).mean(0), COLOURS["bee"], atol=3)
+
+
+_SIXTEEN_BIT = np.random.default_rng(0).integers(0, 65536, (9, 8), dtype=np.uint16)
+
+
+def _write_pgm(path: Path, values: np.ndarray) -> None:
+    header = f"P5 {values.shape[1]} {values.shape[0]} 65535\n".encode()
+    path.write_bytes(header + values.astype(">u2").tobytes())
+
+
+@pytest.mark.parametrize(
+    ("name", "write", "mode"),
+    [
+        ("png", lambda path: Image.fromarray(_SIXTEEN_BIT).save(path), "I;16"),
+        ("tif", lambda path: Image.fromarray(_SIXTEEN_BIT.astype(">u2")).save(path), "I;16B"),
+        ("tif", lambda path: Image.fromarray(_SIXTEEN_BIT.astype(np.int32)).save(path), "I"),
+        ("pgm", lambda path: _write_pgm(path, _SIXTEEN_BIT), "I"),
+    ],
+)
+def test_sixteen_bit_images_are_scaled_to_eight_bits(tmp_path, name, write, mode):
+    path = tmp_path / f"image.{name}"
+    write(path)
+    with Image.open(path) as image:
+        assert image.mode == mode
+    decoded = sources.decode_image_file(path, size=8)[:, :8]  # width 8 is kept; rows are resized 9 → 8
+    expected = np.asarray(Image.fromarray((_SIXTEEN_BIT >> 8).astype(np.uint8)).resize((8, 8), Image.BICUBIC))
+    np.testing.assert_array_equal(decoded, np.repeat(expected[:, :, None], 3, axis=2))
+    assert decoded.max() < 255 and decoded.mean() > 100  # not clipped to white as Pillow's convert does
+
+
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        (_SIXTEEN_BIT.astype(np.float32) / 65535, r"float32 pixels in \S+ are not supported"),
+        (np.arange(72, dtype=np.int32).reshape(9, 8) - 7, r"int32 pixels in -7\.\.64 are not supported"),
+    ],
+)
+def test_float_and_out_of_range_images_are_refused_naming_the_file(tmp_path, values, error):
+    path = tmp_path / "odd.tif"
+    Image.fromarray(values).save(path)
+    with pytest.raises(ConfigError, match=rf"cannot decode image \S*odd\.tif: {error}"):
+        sources.decode_image_file(path, size=8)
+
+
+def test_tfds_uint16_images_are_scaled_to_eight_bits():
+    # tfds decodes uint16 images only with OpenCV; what reaches the source is then a uint16 array.
+    source = sources.TfdsSource.__new__(sources.TfdsSource)
+    source.image_size = 3
+    source._data = [{"image": np.full((3, 3, 1), 40000, np.uint16), "label": 1},
+                    {"image": np.full((3, 3, 3), 513, np.uint16), "label": 0}]
+    assert (source[0]["image"] == 40000 >> 8).all() and (source[1]["image"] == 2).all()
+
+
+def _break(path: Path, damage: str) -> None:
+    if damage == "garbage":
+        path.write_bytes(b"\x89PNG but not really")
+    elif damage == "truncated":
+        Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:400])
+    else:
+        Image.fromarray(np.ones((4, 4), np.float32)).save(path, format="TIFF")
+
+
+def test_verify_source_names_the_first_bad_files_and_counts_the_rest(tree, caplog):
+    caplog.set_level("INFO")
+    for i, damage in enumerate(["garbage", "truncated", "float", "garbage", "truncated"]):
+        _break(tree / "train" / "bee" / f"bad{i}.png", damage)
+    source = sources.ImageFolderSource(tree / "train", image_size=8)
+    with pytest.raises(ConfigError) as err:
+        sources.verify_source(source, max_files=len(source), num_threads=3)
+    message = str(err.value)
+    assert message.startswith(f"5 of 11 images under {tree / 'train'} cannot be decoded: cannot decode image ")
+    assert [name in message for name in (f"bad{i}.png" for i in range(5))] == [True] * 3 + [False] * 2
+    assert "float32 pixels" in message and message.endswith("; and 2 more") and "\n" not in message
+    assert "verified 11 images" in caplog.text and "files/s, 3 threads" in caplog.text
+
+
+def test_verify_logs_progress_and_passes_a_good_tree(tree, caplog):
+    caplog.set_level("INFO")
+    for i in range(150):  # three chunks of files, so three progress lines
+        _save(tree / "train" / "cat" / f"extra{i:03d}.png", COLOURS["cat"], (4, 4), "L")
+    source = sources.ImageFolderSource(tree / "train", image_size=8)
+    source.verify(num_threads=2, log_every_s=0.0)
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verifying")]
+    assert len(progress) == 3 and re.fullmatch(r"verifying \S*train: 156/156 images, \d+ files/s, 0 s left",
+                                               progress[-1])
+
+
+def test_verify_source_skips_large_trees_and_non_file_sources(tree, caplog, monkeypatch):
+    caplog.set_level("INFO")
+    decoded = []
+    monkeypatch.setattr(sources, "_open_rgb", lambda path, size: decoded.append(path))
+    source = sources.ImageFolderSource(tree / "train", image_size=8)
+    sources.verify_source(source, max_files=len(source) - 1, num_threads=2)
+    sources.verify_source(source, max_files=0, num_threads=2)
+    assert not decoded and caplog.text.count(f"not checking the 6 images under {tree / 'train'}") == 2
+    sources.verify_source(source, max_files=len(source), num_threads=2)
+    assert sorted(decoded) == sorted(source.paths)
+    sources.verify_source(sources.DigitsSource("val", 8), max_files=10**9, num_threads=2)
+    assert len(decoded) == len(source) and "verified 6 images" in caplog.text
+    with pytest.raises(ConfigError, match=r"data\.verify_max_files=-1 must be >= 0"):
+        sources.verify_source(source, max_files=-1, num_threads=2)
 
 
 def test_fraction_is_a_deterministic_per_class_prefix(tmp_path):
@@ -268,7 +409,7 @@ def test_train_iterator_yields_sharded_global_batches_and_resumes(sharding):
     source = _Numbered(23)
     it = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding)
     first = [next(it) for _ in range(7)]
-    assert [step for step, _ in first] == list(range(7)) and it.get_state() == {"step": 7}
+    assert [step for step, _ in first] == list(range(7))
     step, batch = first[0]
     assert batch["image"].shape == (8, 2, 2, 3) and batch["image"].dtype == np.uint8
     assert batch["label"].dtype == np.int32 and batch["index"].dtype == np.int32
@@ -278,15 +419,14 @@ def test_train_iterator_yields_sharded_global_batches_and_resumes(sharding):
     assert all(_ids(b) == _ids(expected[s]) for s, b in first)
 
     resumed = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding, start_step=3)
-    restored = pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding)
-    restored.set_state({"step": 3})
     for s in range(3, 7):
-        for again in (resumed, restored):
-            step, batch = next(again)
-            assert step == s and _ids(batch) == _ids(first[s][1])
-            np.testing.assert_array_equal(batch["index"], first[s][1]["index"])
-    for iterator in (it, resumed, restored):
+        step, batch = next(resumed)
+        assert step == s and _ids(batch) == _ids(first[s][1])
+        np.testing.assert_array_equal(batch["index"], first[s][1]["index"])
+    for iterator in (it, resumed):
         iterator.close()
+    with pytest.raises(ConfigError, match=rf"data step -1 is outside \[0, {2**31 // 8}\)"):
+        pipeline.TrainIterator(source, seed=5, global_batch=8, sharding=sharding, start_step=-1)
 
 
 def test_eval_covers_every_example_once(sharding):

@@ -18,7 +18,7 @@ from onepfrac_jax.train.checkpoint import Checkpoints
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = "toy"
+    c.stage = "pretrain"  # any stage name: the run directory only needs one of this project
     loop.default_train_config(c)
     c.batch_size = 4
     c.total_steps = 8
@@ -32,7 +32,7 @@ def toy_config(**overrides) -> ml_collections.ConfigDict:
     return c
 
 
-def toy_task(loss_of_step, total_steps=8) -> loop.Task:
+def toy_task(loss_of_step) -> loop.Task:
     """Minimises loss_of_step(w, step) for a scalar w (kept 2-D so weight decay would apply)."""
     return loop.Task(
         init_variables=lambda key: {"params": {"w": jnp.full((1, 1), 3.0)}},
@@ -41,14 +41,13 @@ def toy_task(loss_of_step, total_steps=8) -> loop.Task:
         inputs=lambda start: itertools.repeat(None),
         evaluate=None,
         export=None,
-        total_steps=total_steps,
         steps_per_epoch=4,
-        global_batch=4,
     )
 
 
 def run(task, config, workdir):
-    return loop.train(task, config, str(workdir), make_data_mesh(jax.devices()[:1]))
+    with loop.prepare(config, str(workdir), make_data_mesh(jax.devices()[:1])) as prepared:
+        return prepared.train(task).state
 
 
 def test_training_lowers_the_loss_and_writes_metrics(tmp_path):
@@ -73,7 +72,7 @@ def test_a_non_finite_loss_names_the_step_and_the_last_good_checkpoint(tmp_path)
 
 def test_float16_loss_scaling_skips_overflowing_steps(tmp_path):
     # at step 2 the loss is finite but its scaled gradient overflows: that update is skipped and the scale halves
-    task = toy_task(lambda w, step: jnp.where(step == 2, 1e35, 1.0) * w**2, total_steps=4)
+    task = toy_task(lambda w, step: jnp.where(step == 2, 1e35, 1.0) * w**2)
     config = toy_config(dtype="float16", total_steps=4, checkpoint_every_steps=1, keep_checkpoints=4)
     run(task, config, tmp_path / "run")
     checkpoints = Checkpoints(tmp_path / "run" / "checkpoints", 4)
@@ -97,16 +96,16 @@ def test_resume_rules(tmp_path):
     with pytest.raises(ConfigError, match=r"different config \(differs in: optim, seed\)"):
         run(toy_task(lambda w, step: w**2), toy_config(seed=1, optim=dict(lr=0.2)), workdir)
     # ... unless resuming is asked for: extending a finished run continues from its last checkpoint
-    state = run(toy_task(lambda w, step: w**2, total_steps=10), toy_config(total_steps=10, resume=True), workdir)
+    state = run(toy_task(lambda w, step: w**2), toy_config(total_steps=10, resume=True), workdir)
     assert int(state.step) == 10
     # overwrite starts afresh
-    state = run(toy_task(lambda w, step: w**2, total_steps=2), toy_config(total_steps=2, overwrite=True), workdir)
+    state = run(toy_task(lambda w, step: w**2), toy_config(total_steps=2, overwrite=True), workdir)
     assert int(state.step) == 2 and json.loads((workdir / "config.json").read_text())["total_steps"] == 2
     stranger = tmp_path / "stranger"
     stranger.mkdir()
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no run"):
-        loop.prepare_run_dir(toy_config(), str(stranger))
+        loop.prepare(toy_config(), str(stranger))
 
 
 def test_batch_must_divide_over_devices():

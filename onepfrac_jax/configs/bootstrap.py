@@ -21,6 +21,7 @@ agent_base_res_like, 2×2 pooled after blocks 2 and 8. The loss weights default 
 
 import ml_collections
 
+from onepfrac_jax.config import apply_overrides
 from onepfrac_jax.configs.finetune import data_config
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.train import classify, loop
@@ -103,8 +104,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.augment = default_augment_config()
     c.augment.update(dict(crop="pad_crop", pad=4, hflip=0.5, interpolation="bilinear", mean=CIFAR_MEAN,
                           std=CIFAR_STD))
-    for key, value in VARIANTS[variant].items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
+    apply_overrides(c, VARIANTS[variant])
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size
     return c

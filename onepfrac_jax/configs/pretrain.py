@@ -13,6 +13,7 @@ dtype, data_mode ('bank' | 'fresh'), ...
 
 import ml_collections
 
+from onepfrac_jax.config import apply_overrides
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.fractals.bank import BankSpec
 from onepfrac_jax.train import classify, loop
@@ -77,8 +78,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.log_every_steps = 100
     c.augment = paper_augment(224)
-    for key, value in VARIANTS[variant].items():
-        section, _, name = key.rpartition(".")
-        (c[section] if section else c)[name] = value
+    apply_overrides(c, VARIANTS[variant])
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size
     return c

@@ -10,6 +10,7 @@ hold, so the global batch is the same whatever the number of processes, devices 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ import jax
 import numpy as np
 
 from onepfrac_jax.config import ConfigError, require
-from onepfrac_jax.data.sources import Source
+from onepfrac_jax.data.sources import Source, make_source, verify_source
 
 # Global example indices travel as int32, so a stream ends before position 2**31.
 INDEX_LIMIT = 2**31
@@ -156,8 +157,8 @@ def to_global(
 class TrainIterator:
     """Yields (step, batch) from `start_step` on; batch: image (B, H, W, 3) uint8, label and index (B,) int32.
 
-    Its state is the next step ({'step': s}), the same on every process and for any process count; restoring
-    it (or building the iterator with start_step=s) continues exactly where the saved run was.
+    The position is just the step, the same on every process and for any process count: building the iterator
+    with start_step=s continues exactly where a run saved at step s was.
     """
 
     def __init__(
@@ -175,13 +176,12 @@ class TrainIterator:
         self.global_batch = global_batch
         self.steps_per_epoch = steps_per_epoch(len(source), global_batch)
         rows = process_rows(global_batch, sharding=sharding)
-        self._dataset = train_dataset(source, seed=seed, global_batch=global_batch, rows=rows)
+        dataset = train_dataset(source, seed=seed, global_batch=global_batch, rows=rows)
+        require(0 <= start_step < len(dataset), f"data step {start_step} is outside [0, {len(dataset)})")
         self._sharding = sharding
-        self._read = dict(
-            num_threads=num_threads, prefetch_batches=prefetch_batches, worker_count=worker_count
-        )
-        self._host: grain.DatasetIterator | None = None
-        self.set_state({"step": start_step})
+        self._step = start_step
+        self._host = host_iterator(dataset, start_step, num_threads=num_threads, prefetch_batches=prefetch_batches,
+                                   worker_count=worker_count)
 
     def __iter__(self) -> TrainIterator:
         return self
@@ -192,31 +192,52 @@ class TrainIterator:
         self._step += 1
         return step, batch
 
-    def get_state(self) -> dict[str, int]:
-        """The position to save beside the model checkpoint."""
-        return {"step": self._step}
-
-    def set_state(self, state: dict[str, int]) -> None:
-        """Repositions at `state['step']` (drops any prefetched batches)."""
-        step = int(state["step"])
-        require(0 <= step < len(self._dataset), f"data step {step} is outside [0, {len(self._dataset)})")
-        self.close()
-        self._step = step
-        self._host = host_iterator(self._dataset, step, **self._read)
-
     def close(self) -> None:
         """Stops the decode threads and worker processes."""
-        if self._host is not None:
-            self._host.close()
+        self._host.close()
 
 
+@dataclasses.dataclass
+class HostData:
+    """A stage's host-read dataset: its two splits and the loop's inputs over them (fine-tune, bootstrap)."""
 
-def train_inputs(source: Source, data: Any, *, seed: int, global_batch: int, sharding: jax.sharding.Sharding,
-                 start: int) -> Iterator[dict[str, jax.Array]]:
-    """The training loop's host inputs from step `start`: global batches, with the `data` config's read options."""
-    iterator = TrainIterator(source, seed=seed, global_batch=global_batch, sharding=sharding, start_step=start,
-                             num_threads=data.num_threads, prefetch_batches=data.prefetch_batches)
-    return (item for _, item in iterator)
+    train: Source
+    val: Source
+    data: Any  # the `data` config section: read options
+    seed: int
+    global_batch: int
+    sharding: jax.sharding.Sharding
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return steps_per_epoch(len(self.train), self.global_batch)
+
+    def inputs(self, start: int) -> Iterator[dict[str, jax.Array]]:
+        """The training loop's host inputs from step `start`: global batches."""
+        iterator = TrainIterator(self.train, seed=self.seed, global_batch=self.global_batch, sharding=self.sharding,
+                                 start_step=start, num_threads=self.data.num_threads,
+                                 prefetch_batches=self.data.prefetch_batches)
+        return (item for _, item in iterator)
+
+    def val_batches(self) -> Iterator[dict[str, jax.Array]]:
+        return eval_batches(self.val, global_batch=self.global_batch, sharding=self.sharding,
+                            num_threads=self.data.num_threads)
+
+    def describe(self) -> str:
+        return (f"{self.data.name}: {len(self.train)} train / {len(self.val)} {self.data.eval_split} examples, "
+                f"{self.train.num_classes} classes, {self.steps_per_epoch} steps/epoch")
+
+
+def open_host_data(data: Any, *, seed: int, global_batch: int, sharding: jax.sharding.Sharding) -> HostData:
+    """Opens the `data` section's train and eval splits and checks them before any training step."""
+    train = make_source(data, "train")
+    val = make_source(data, data.eval_split)
+    require(len(train) >= global_batch,
+            f"the train split has {len(train)} examples, fewer than batch_size={global_batch}")
+    for source in (train, val):
+        verify_source(source, max_files=data.verify_max_files, num_threads=data.num_threads)
+    return HostData(train, val, data, seed, global_batch, sharding)
+
 
 def eval_batches(
     source: Source,

@@ -5,14 +5,17 @@ Three kinds, chosen by `make_source` from the dataset name:
   `tfds:<name>`  a TFDS dataset the user prepared in array_record format, read with `tfds.data_source`;
   `digits`       scikit-learn's bundled 8×8 handwritten digits, the built-in demo that needs no download.
 Resizing is a plain resize to `image_size`² (aspect ratio not kept, so random crops on the device still see
-the whole image): bicubic for files and TFDS (timm's interpolation), bilinear for the 8×8 digits.
+the whole image): bicubic for files and TFDS (timm's interpolation), bilinear for the 8×8 digits. 16-bit images
+keep their high byte; float images are refused.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -27,6 +30,8 @@ from onepfrac_jax.config import ConfigError, require
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 KNOWN_DATASETS = ("imagefolder", "tfds:<name>", "digits")
 DIGITS_TRAIN_FRACTION = 0.8
+SHOWN_ERRORS = 3  # an error listing many files names this many and counts the rest
+_VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
 
 # PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
 # SyntaxError/ValueError on bad headers, and DecompressionBombError stands alone.
@@ -60,23 +65,45 @@ def _require_split(split: str, known: tuple[str, ...], dataset: str) -> None:
     require(split in known, f"{dataset} has no split {split!r}; its splits are {', '.join(known)}")
 
 
-def _as_rgb_array(image: Image.Image, size: int) -> np.ndarray:
-    image = image.convert("RGB")
+def _eight_bit(values: np.ndarray) -> np.ndarray:
+    """uint8 pixels from 8-bit or 16-bit ones (0..65535, of which the high byte is kept)."""
+    if values.dtype == np.uint8:
+        return values
+    # Pillow opens 16-bit PNG/TIFF as 'I;16'/'I;16B', and 16-bit PGM (any maxval, rescaled to 0..65535) as 'I'.
+    in_range = np.issubdtype(values.dtype, np.integer) and values.min() >= 0 and values.max() <= 65535
+    require(in_range, f"{values.dtype} pixels in {values.min()}..{values.max()} are not supported "
+                      "(only 8-bit and 16-bit images are)")
+    return (values >> 8).astype(np.uint8)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    # Pillow's convert clips 16-bit and float values at 255 instead of scaling them.
+    if image.mode == "F" or image.mode.startswith("I"):
+        image = Image.fromarray(_eight_bit(np.asarray(image)))
+    return image.convert("RGB")
+
+
+def _square_array(image: Image.Image, size: int) -> np.ndarray:
     if image.size != (size, size):
         image = image.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(image, dtype=np.uint8)
 
 
-def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Reads an image file as (size, size, 3) uint8; a file PIL cannot decode raises ConfigError naming it."""
+def _open_rgb(path: str | os.PathLike, size: int) -> Image.Image:
+    """Decodes an image file to RGB at about `size` or more; ConfigError naming the file if it cannot be read."""
     try:
         with Image.open(path) as image:
             # JPEG decoders can scale by 1/2, 1/4, 1/8 while decoding: much faster for large photos, and draft
             # never goes below the requested size, so the final bicubic resize still does the filtering.
             image.draft("RGB", (size, size))
-            return _as_rgb_array(image, size)
+            return _rgb(image)
     except _DECODE_ERRORS as e:
         raise ConfigError(f"cannot decode image {path}: {e}") from e
+
+
+def decode_image_file(path: str | os.PathLike, size: int) -> np.ndarray:
+    """Reads an image file as (size, size, 3) uint8; a file PIL cannot decode raises ConfigError naming it."""
+    return _square_array(_open_rgb(path, size), size)
 
 
 def class_folders(root: Path) -> list[str]:
@@ -87,10 +114,38 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
-def _image_files(folder: Path) -> list[Path]:
-    # torchvision's make_dataset order: os.walk (following links) with sorted directories, sorted names.
+def _deepest_link(path: Path, root: Path) -> Path | None:
+    """The deepest symlink among `path` and its parents below `root`."""
+    parts = [path, *path.parents]
+    return next((part for part in parts[: parts.index(root)] if part.is_symlink()), None)
+
+
+def _read_twice_error(again: Path, again_class: str, first: Path, first_class: str, root: Path) -> ConfigError:
+    """The error for a directory reached a second time: names the symlink that leads there."""
+    # Two paths below `root` with one real path: at least one of them goes through a symlink.
+    link = _deepest_link(again, root) or _deepest_link(first, root)
+    target = Path(os.path.realpath(link))
+    if Path(os.path.realpath(link.parent)).is_relative_to(target):
+        return ConfigError(f"ImageFolder symlink {link} -> {target} is a loop: it points to a folder that holds it")
+    return ConfigError(f"ImageFolder symlink {link} -> {target} makes one folder read twice: as {first} "
+                       f"(class {first_class!r}) and as {again} (class {again_class!r})")
+
+
+def _image_files(folder: Path, class_name: str, root: Path, seen: dict[str, tuple[Path, str]]) -> list[Path]:
+    """Images under `folder` in torchvision's make_dataset order: os.walk following links, sorted paths."""
+    # `seen` maps the real path of every directory read so far in the split to (its path, its class): a link
+    # back to an ancestor would otherwise be walked until the path grows too long, and a link to another
+    # class's folder would label its images twice.
+    walked = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()  # a deterministic walk, so the error always blames the same link
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise _read_twice_error(Path(dirpath), class_name, *seen[real], root)
+        seen[real] = (Path(dirpath), class_name)
+        walked.append((dirpath, filenames))
     files = []
-    for dirpath, _, filenames in sorted(os.walk(folder, followlinks=True)):
+    for dirpath, filenames in sorted(walked):
         names = sorted(name for name in filenames if name.lower().endswith(IMG_EXTENSIONS))
         files.extend(Path(dirpath, name) for name in names)
     return files
@@ -117,9 +172,9 @@ class ImageFolderSource:
         require(not unknown, f"{self.root} has class folders not among the training classes: {unknown[:10]}")
         self.class_names = tuple(class_names)
         self.num_classes = len(self.class_names)
-        paths, labels = [], []
+        paths, labels, seen = [], [], {}
         for name in found:
-            files = _image_files(self.root / name)
+            files = _image_files(self.root / name, name, self.root, seen)
             require(bool(files), f"class folder {self.root / name} has no images {IMG_EXTENSIONS}")
             paths.extend(files)
             labels.extend([self.class_names.index(name)] * len(files))
@@ -134,21 +189,57 @@ class ImageFolderSource:
         image = decode_image_file(self.paths[index], self.image_size)
         return {"image": image, "label": int(self.labels[index])}
 
-    def verify(self, log_every: int = 10_000) -> None:
-        """Decodes every file once; raises one ConfigError listing the files that fail (a start-up check)."""
-        bad = []
-        for i, path in enumerate(self.paths):
-            try:
-                with Image.open(path) as image:
-                    image.load()
-            except _DECODE_ERRORS as e:
-                bad.append(f"{path} ({e})")
-            if (i + 1) % log_every == 0:
-                logging.info("verified %d/%d images under %s", i + 1, len(self.paths), self.root)
+    def verify(self, num_threads: int, log_every_s: float = 10.0) -> None:
+        """Decodes every file as training does; raises one ConfigError naming the files that fail."""
+        # Only the final resize is skipped: it is most of the time for photos and cannot fail on RGB pixels.
+        chunks = [self.paths[i : i + _VERIFY_CHUNK] for i in range(0, len(self.paths), _VERIFY_CHUNK)]
+        threads = max(1, num_threads)  # 0, grain's "decode in the calling thread", is one thread here too
+        bad, done = [], 0
+        start = last_log = time.monotonic()
+        # Threads suffice: Pillow releases the GIL while decoding.
+        pool = ThreadPoolExecutor(threads, thread_name_prefix="verify")
+        try:
+            for chunk, errors in zip(chunks, pool.map(self._decode_errors, chunks), strict=True):
+                bad.extend(errors)
+                done += len(chunk)
+                now = time.monotonic()
+                if now - last_log >= log_every_s:
+                    rate = done / max(now - start, 1e-9)
+                    logging.info("verifying %s: %d/%d images, %.0f files/s, %.0f s left", self.root, done,
+                                 len(self.paths), rate, (len(self.paths) - done) / rate)
+                    last_log = now
+        finally:
+            pool.shutdown(cancel_futures=True)  # an interrupt must not wait for the rest of the tree
+        seconds = time.monotonic() - start
+        logging.info("verified %d images under %s in %.1f s (%.0f files/s, %d threads)", len(self.paths),
+                     self.root, seconds, len(self.paths) / max(seconds, 1e-9), threads)
         if bad:
-            shown = "; ".join(bad[:10])
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise ConfigError(f"{len(bad)} unreadable image(s) under {self.root}: {shown}{more}")
+            more = f"; and {len(bad) - SHOWN_ERRORS} more" if len(bad) > SHOWN_ERRORS else ""
+            raise ConfigError(f"{len(bad)} of {len(self.paths)} images under {self.root} cannot be decoded: "
+                              f"{'; '.join(bad[:SHOWN_ERRORS])}{more}")
+
+    def _decode_errors(self, paths: Sequence[Path]) -> list[str]:
+        errors = []
+        for path in paths:
+            try:
+                _open_rgb(path, self.image_size)
+            except ConfigError as e:
+                errors.append(str(e))
+        return errors
+
+
+def verify_source(source: Source, max_files: int, num_threads: int) -> None:
+    """Start-up check: decodes every image of an ImageFolder split of at most `max_files` images (0: never)."""
+    # Only ImageFolder reads files users assembled: digits is built in, and TFDS wrote its examples itself.
+    # A tree too large to check up front still fails on the first unreadable image, naming it.
+    require(max_files >= 0, f"data.verify_max_files={max_files} must be >= 0 (0 turns the start-up check off)")
+    if not isinstance(source, ImageFolderSource):
+        return
+    if len(source) > max_files:
+        logging.info("not checking the %d images under %s before the run (data.verify_max_files=%d): an "
+                     "unreadable image stops the run when it is read", len(source), source.root, max_files)
+        return
+    source.verify(num_threads)
 
 
 class DigitsSource:
@@ -217,12 +308,12 @@ class TfdsSource:
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self._data[index]
-        image = example["image"]
+        image = _eight_bit(example["image"])  # TFDS Image features may be uint16
         if image.ndim == 2 or image.shape[-1] == 1:
             image = Image.fromarray(image.reshape(image.shape[:2]))
         else:
             image = Image.fromarray(image[:, :, :3])
-        return {"image": _as_rgb_array(image, self.image_size), "label": int(example["label"])}
+        return {"image": _square_array(_rgb(image), self.image_size), "label": int(example["label"])}
 
 
 def make_source(section: ml_collections.ConfigDict, split: str) -> Source:

@@ -43,6 +43,26 @@ _TIMM_ARCHS = {
 }
 _FALLBACK_ARCH = "vit_base_patch16_224"  # every dimension is overridden by the kwargs anyway
 _HEAD_KEYS = ("head.weight", "head.bias")
+SHOWN_KEYS = 3  # an error about many keys names this many and counts the rest
+
+
+def _describe(model: ViT) -> str:
+    """The model in one line (a Flax module's repr spans a line per field)."""
+    return (f"ViT(img_size={model.img_size}, patch_size={model.patch_size}, embed_dim={model.embed_dim}, "
+            f"depth={model.depth}, num_heads={model.num_heads}, mlp_dim={model.mlp_dim}, "
+            f"num_classes={model.num_classes})")
+
+
+def _first_few(kind: str, items: Sequence[str]) -> str:
+    """'kind (7): a, b, c and 4 more', or '' for no items."""
+    if not items:
+        return ""
+    more = f" and {len(items) - SHOWN_KEYS} more" if len(items) > SHOWN_KEYS else ""
+    return f"{kind} ({len(items)}): {', '.join(items[:SHOWN_KEYS])}{more}"
+
+
+def _mismatch_error(source: str, model: ViT, problems: Sequence[str]) -> ValueError:
+    return ValueError(f"{source} does not fit {_describe(model)}: {'; '.join(p for p in problems if p)}")
 
 
 def _timm_key(path: tuple[str, ...]) -> str:
@@ -73,10 +93,12 @@ def flax_to_timm_state_dict(params: Mapping[str, Any], model: ViT) -> dict[str, 
     expected = _param_shapes(model)
     got = {k: tuple(np.shape(v)) for k, v in flat.items()}
     if got != expected:
-        bad = sorted("/".join(k) for k in set(got) ^ set(expected))
-        bad += sorted(f"{'/'.join(k)}: {got[k]} vs model {expected[k]}"
-                      for k in set(got) & set(expected) if got[k] != expected[k])
-        raise ValueError(f"params do not match the model {model}: {'; '.join(bad)}")
+        raise _mismatch_error("params tree", model, [
+            _first_few("missing", sorted("/".join(k) for k in set(expected) - set(got))),
+            _first_few("unexpected", sorted("/".join(k) for k in set(got) - set(expected))),
+            _first_few("wrong shape", sorted(f"{'/'.join(k)} {got[k]} vs model {expected[k]}"
+                                             for k in set(got) & set(expected) if got[k] != expected[k])),
+        ])
     # timm models are float32; bfloat16 params (if any) also have no plain-numpy dtype.
     host = {k: np.asarray(jax.device_get(v), dtype=np.float32) for k, v in flat.items()}
     return {_timm_key(k): np.ascontiguousarray(v.transpose(_timm_axes(k, v.ndim))) for k, v in host.items()}
@@ -161,23 +183,57 @@ def export_vit(
     return paths
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Any]:
-    if path.suffix == ".safetensors":
+def _one_line(error: BaseException) -> str:
+    """The telling line of an error message (torch.load's run over several lines of advice)."""
+    text = str(error)
+    # torch's weights_only errors put the reason after this marker, between paragraphs of advice.
+    text = text.partition("WeightsUnpickler error:")[2] or text
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def _read_safetensors(path: Path) -> Mapping[str, Any]:
+    try:
         try:
             return safetensors.numpy.load_file(path)
         except TypeError:  # bfloat16 tensors, which numpy lacks; JAX arrays hold them
             return safetensors.flax.load_file(path)
+    except safetensors.SafetensorError as e:
+        raise ValueError(f"not a safetensors file: {path} ({_one_line(e)})") from e
+
+
+def _read_torch(path: Path) -> Any:
     try:
         import torch
     except ImportError as e:
-        raise ImportError(f"reading {path} needs PyTorch (pip install torch); .safetensors does not") from e
-    # The 1p-frac/DeiT checkpoints also pickle the training `args` Namespace beside the weights.
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        raise ValueError(f"reading {path} needs PyTorch: pip install torch (a .safetensors file does not)") from e
+    try:
+        # The 1p-frac/DeiT checkpoints also pickle the training `args` Namespace beside the weights.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise  # an unreadable file, not a malformed one
+    except Exception as e:  # the zip reader and the unpickler raise many types on a bad file
+        raise ValueError(f"not a PyTorch checkpoint of tensors: {path} ({_one_line(e)})") from e
+
+
+def _read_state_dict(path: Path) -> Mapping[str, Any]:
+    try:
+        ckpt = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from e
+    if not isinstance(ckpt, Mapping):
+        raise ValueError(f"{path} holds a {type(ckpt).__name__}, not a state dict")
     for wrapper in ("model", "state_dict"):
         if isinstance(ckpt.get(wrapper), Mapping):
             return ckpt[wrapper]
     return ckpt
+
+
+def _is_float(x: Any) -> bool:
+    if hasattr(x, "is_floating_point"):  # a torch tensor
+        return x.is_floating_point()
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
@@ -188,18 +244,24 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
 
 def _check_keys(state_dict: Mapping[str, Any], wanted: Mapping[str, tuple[int, ...]], source: str,
                 model: ViT) -> None:
-    """Raise one error naming every missing, unexpected and mis-shaped key."""
-    shape = {k: tuple(v.shape) for k, v in state_dict.items()}
-    lines = [f"  missing: {k}" for k in sorted(set(wanted) - set(shape))]
-    lines += [f"  unexpected: {k}" for k in sorted(set(shape) - set(wanted))]
-    lines += [f"  shape mismatch: {k}: checkpoint {shape[k]} vs model {wanted[k]}"
-              for k in sorted(set(wanted) & set(shape)) if shape[k] != wanted[k]]
-    if not lines:
+    """Raise one single-line error summarising the missing, unexpected, mis-shaped and non-float keys."""
+    shape = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+    problems = [
+        _first_few("missing", sorted(set(wanted) - set(shape))),
+        _first_few("unexpected", sorted(set(shape) - set(wanted))),
+        _first_few("wrong shape", [f"{k} checkpoint {shape[k]} vs model {wanted[k]}"
+                                   for k in sorted(set(wanted) & set(shape)) if shape[k] != wanted[k]]),
+        # Casting integer or boolean values to float would load something that was never a weight.
+        _first_few("not floating point", [f"{k} {getattr(state_dict[k], 'dtype', type(state_dict[k]).__name__)}"
+                                          for k in sorted(set(wanted) & set(shape))
+                                          if not _is_float(state_dict[k])]),
+    ]
+    if not any(problems):
         return
     if "pos_embed" in shape and shape["pos_embed"] != wanted["pos_embed"]:
-        lines.append("  (pos_embed holds another patch grid: build the ViT with the checkpoint's img_size "
-                     "and patch_size; positions are never resized)")
-    raise ValueError("\n".join([f"{source} does not fit {model}:", *lines]))
+        problems.append("pos_embed holds another patch grid: build the ViT with the checkpoint's img_size and "
+                        "patch_size (positions are never resized)")
+    raise _mismatch_error(source, model, problems)
 
 
 def load_timm_weights(
@@ -210,7 +272,8 @@ def load_timm_weights(
 ) -> dict[str, Any]:
     """Flax params for `model` from a timm state dict, .safetensors, or .pth (a state dict or {'model': sd})."""
     # A head of another class count (or none) is re-initialised from `rng` (default key 0); any other missing,
-    # unexpected or mis-shaped key is an error.
+    # unexpected, mis-shaped or non-float key is an error. Every bad file or unfitting state dict raises a
+    # ValueError of one line, which the stages print as one.
     if isinstance(path_or_state_dict, Mapping):
         source = "state dict"
         state_dict = dict(path_or_state_dict)
@@ -224,9 +287,9 @@ def load_timm_weights(
     paths = {_timm_key(k): k for k in shapes}
     wanted = {key: tuple(shapes[p][a] for a in _timm_axes(p, len(shapes[p]))) for key, p in paths.items()}
     head = state_dict.get("head.weight")
-    fresh_head = model.num_classes == 0 or head is None or tuple(head.shape) != wanted["head.weight"]
+    fresh_head = model.num_classes == 0 or head is None or tuple(np.shape(head)) != wanted["head.weight"]
     if fresh_head:
-        got = "no head" if head is None else f"a head of shape {tuple(head.shape)}"
+        got = "no head" if head is None else f"a head of shape {tuple(np.shape(head))}"
         log.info("%s has %s, model has %d classes: the head is not loaded", source, got, model.num_classes)
         for key in _HEAD_KEYS:
             state_dict.pop(key, None)

@@ -15,8 +15,9 @@ from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
-from onepfrac_jax.config import ConfigError, prepare_workdir, to_json
 from onepfrac_jax.fractals.bank import BankSpec, FractalBank, build_bank
+from onepfrac_jax.parallel.mesh import Mesh
+from onepfrac_jax.rundir import Result, RunDir
 
 PREVIEW_CLASSES = 64
 PREVIEW_TILE = 128
@@ -60,34 +61,26 @@ def gather_images(bank: FractalBank) -> np.ndarray:
     return images[: bank.spec.num_classes]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> FractalBank:
-    """Renders the bank over all devices of all processes; process 0 writes the files."""
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:
+    """Renders the bank over all devices of all processes (or `mesh`'s); process 0 writes the files."""
     spec = BankSpec.from_config(config)
     spec.validate()
-    main_process = jax.process_index() == 0
-    existed = Path(workdir).exists()
-    # Every process checks the workdir: process 0 writes only after the (collective) rendering, so after all
-    # processes have looked, and a refusal is then the same error on each.
-    path = prepare_workdir(workdir, overwrite=config.overwrite)
-    try:
+    with RunDir.open(config, workdir, resumable=False) as run_dir:
         start = time.perf_counter()
-        bank = build_bank(spec, progress=lambda line: logging.info("%s", line))
+        bank = build_bank(spec, mesh, progress=lambda line: logging.info("%s", line))
         images = gather_images(bank)
         logging.info("bank of %d classes at %d² rendered in %.1f s", spec.num_classes, spec.image_size,
                      time.perf_counter() - start)
-    except ConfigError:
-        if not existed and main_process:
-            path.rmdir()
-        raise
-    if not main_process:
-        return bank
-    write_image_folder(images, path / "images")
-    (path / "params.json").write_text(json.dumps(bank.to_json(), indent=1))
-    preview(images).save(path / "preview.png")
-    (path / "config.json").write_text(to_json(config))
-    redrawn = int((bank.redraws > 0).sum())
-    logging.info("σ=%.4f, %d classes re-drawn for fill ≤ %.2f, mean fill %.3f", bank.sigma, redrawn,
-                 spec.fill_threshold, float(bank.fill.mean()))
-    print(f"images:  {path / 'images'} ({spec.num_classes} classes)\npreview: {path / 'preview.png'}\n"
-          f"params:  {path / 'params.json'}")
-    return bank
+        run_dir.begin()  # an overwrite clears the old set here, so no class folder of it survives
+        path = run_dir.path
+        files = {"images": str(path / "images"), "preview": str(path / "preview.png"),
+                 "params": str(path / "params.json")}
+        if jax.process_index() == 0:
+            write_image_folder(images, path / "images")
+            (path / "params.json").write_text(json.dumps(bank.to_json(), indent=1))
+            preview(images).save(path / "preview.png")
+            logging.info("σ=%.4f, %d classes re-drawn for fill ≤ %.2f, mean fill %.3f", bank.sigma,
+                         int((bank.redraws > 0).sum()), spec.fill_threshold, float(bank.fill.mean()))
+        result = Result(stage="generate", step=0, total_steps=0, stopped=False, history=[], files=files, state=bank)
+        result.write(path)
+        return result

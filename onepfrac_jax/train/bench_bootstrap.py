@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags
 
 from onepfrac_jax.configs import bootstrap as bootstrap_config
+from onepfrac_jax.data import pipeline
 from onepfrac_jax.models.vit import ViT
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
 from onepfrac_jax.train import bootstrap, classify, loop
@@ -61,7 +62,7 @@ def _host_batch(source: RandomSource, batch: int, mesh: Mesh) -> dict[str, jax.A
 def compiled_step(task: loop.Task, config: ml_collections.ConfigDict, mesh: Mesh,
                   item: dict[str, jax.Array]) -> Callable[[], None]:
     """The loop's own jitted train step of `task` as a no-argument call that runs one step to completion."""
-    tx, lr = loop._build_optimizer(task, config)
+    tx, lr = loop._build_optimizer(task, config, loop.total_steps(config, task.steps_per_epoch))
     step = jax.jit(loop._make_train_step(task, tx, lr, config.seed, dynamic_scaling=False), donate_argnums=0)
     state = loop.init_state(task, tx, config.seed, mesh)
 
@@ -115,7 +116,9 @@ def main(argv: list[str]) -> None:
             config = _config(family, mode, batch)
             # 100 classes as CIFAR-100; the source is long enough for any batch.
             source = RandomSource(config.data.image_size, 10 if demo else 100, 4 * config.batch_size)
-            task, vit, _ = bootstrap.build_task(config, source, source, mesh)
+            data = pipeline.HostData(source, source, config.data, config.seed, config.batch_size,
+                                     data_sharding(mesh))
+            task, vit, _ = bootstrap.build_task(config, data)
             item = _host_batch(source, config.batch_size, mesh)
             if mode == "joint":
                 steps["vit"] = compiled_step(lone_vit(task, vit, config.image_size), config, mesh, item)

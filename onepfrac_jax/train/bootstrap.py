@@ -12,8 +12,6 @@ The hint weight's decay factor max(0, 1 − epoch / epochs) is computed from the
 
 from __future__ import annotations
 
-import csv
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -25,12 +23,11 @@ from absl import logging
 from onepfrac_jax.config import ConfigError, require, require_choice
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
-from onepfrac_jax.data.sources import Source, make_source
 from onepfrac_jax.export.agent import export_agent
 from onepfrac_jax.export.timm import export_vit
 from onepfrac_jax.models.agent import AGENT_PRESETS, Agent, SharedAgent, create_agent
 from onepfrac_jax.models.vit import ViT
-from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding
 from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.losses import (
     BootstrapLossWeights,
@@ -208,48 +205,45 @@ def make_export(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig) ->
     return export
 
 
-def build_task(config: ml_collections.ConfigDict, train_source: Source, val_source: Source,
-               mesh: Mesh) -> tuple[loop.Task, ViT, Agent | SharedAgent]:
-    """The loop.Task of a validated config over these sources, and its two models."""
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data or devices' work (the models' pairing needs the class count: build_task)."""
     require_choice("mode", config.mode, MODES)
-    loop.validate_train_config(config)
     classify.validate_model_fields(config)
-    augment = augment_config(config.augment)
-    require(augment.size == config.image_size, f"augment.size={augment.size} must equal image_size={config.image_size}")
-    require(len(train_source) >= config.batch_size,
-            f"the train split has {len(train_source)} examples, fewer than batch_size={config.batch_size}")
-    weights = loss_weights(config)
-    num_classes = train_source.num_classes
-    vit, agent = build_models(config, num_classes)
-    sharding = data_sharding(mesh)
-    batch = config.batch_size
-    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), batch)
-    total = loop.total_steps(config, steps_per_epoch)
-    total_epochs = total / steps_per_epoch  # the hint reaches weight 0 at the end of training
+    for name in AGENT_DIMS:
+        value = config.agent[name]
+        require(value == -1 or value > 0, f"agent.{name}={value} must be > 0 (or -1: the preset's)")
+    require(config.agent.patch_size == -1 or config.agent.patch_size > 0,
+            f"agent.patch_size={config.agent.patch_size} must be > 0 (or -1: the ViT's)")
+    require(augment_config(config.augment).size == config.image_size,
+            f"augment.size={config.augment.size} must equal image_size={config.image_size}")
+    loss_weights(config)
+    hint_layers(config)
 
-    def inputs(start: int):
-        return pipeline.train_inputs(train_source, config.data, seed=config.seed, global_batch=batch,
-                                     sharding=sharding, start=start)
+
+def build_task(config: ml_collections.ConfigDict,
+               data: pipeline.HostData) -> tuple[loop.Task, ViT, Agent | SharedAgent]:
+    """The loop.Task of a validated config over this host data, and its two models."""
+    validate(config)
+    augment = augment_config(config.augment)
+    weights = loss_weights(config)
+    num_classes = data.train.num_classes
+    vit, agent = build_models(config, num_classes)
+    steps_per_epoch = data.steps_per_epoch
+    total_epochs = loop.total_steps(config, steps_per_epoch) / steps_per_epoch  # the hint reaches 0 at the end
 
     def make_batch(key, item, step):
         images, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,
                                         vit.dtype)
         return {"image": images, "target": targets, "decay": hint_decay(step // steps_per_epoch, total_epochs)}
 
-    def val_batches():
-        return pipeline.eval_batches(val_source, global_batch=batch, sharding=sharding,
-                                     num_threads=config.data.num_threads)
-
     task = loop.Task(
         init_variables=init_variables(vit, agent, config.image_size),
         make_batch=make_batch,
         loss_fn=make_loss_fn(vit, agent, weights, hint_layers(config)),
-        inputs=inputs,
-        evaluate=make_evaluate(vit, agent, augment, val_batches),
+        inputs=data.inputs,
+        evaluate=make_evaluate(vit, agent, augment, data.val_batches),
         export=make_export(vit, agent, augment),
-        total_steps=total,
         steps_per_epoch=steps_per_epoch,
-        global_batch=batch,
         metric_names=METRICS[config.mode],
         eval_names=EVAL_NAMES,
         optimizer_labels=joint_labels if config.mode == "joint" else None,
@@ -257,32 +251,11 @@ def build_task(config: ml_collections.ConfigDict, train_source: Source, val_sour
     return task, vit, agent
 
 
-def final_accuracies(workdir: Path) -> dict[str, float]:
-    """The last evaluation's top-1 of both models (the paper reports the final epoch), and each one's max."""
-    with (workdir / "metrics.csv").open(newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("val_top1_vit")]
-    if not rows:
-        return {}
-    result = {}
-    for name in EVAL_NAMES:
-        values = [float(r[name]) for r in rows]
-        result[f"{name}_final"], result[f"{name}_max"] = values[-1], max(values)
-    return result
-
-
-def run(config: ml_collections.ConfigDict, workdir: str) -> loop.TrainState:
-    require_choice("mode", config.mode, MODES)
-    train_source = make_source(config.data, "train")
-    val_source = make_source(config.data, config.data.eval_split)
-    mesh = make_data_mesh()
-    task, _, _ = build_task(config, train_source, val_source, mesh)
-    logging.info("%s: %d train / %d %s examples, %d classes, %d steps/epoch; mode %s, ViT %s + %s", config.data.name,
-                 len(train_source), len(val_source), config.data.eval_split, train_source.num_classes,
-                 task.steps_per_epoch, config.mode, config.model, config.agent.preset)
-    state = loop.train(task, config, workdir, mesh)
-    result = final_accuracies(Path(workdir))
-    if result and jax.process_index() == 0:
-        print(f"val top-1 (final epoch): ViT {result['val_top1_vit_final']:.2f}%, "
-              f"agent {result['val_top1_agent_final']:.2f}%")
-        (Path(workdir) / "result.json").write_text(json.dumps(result))
-    return state
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.Result:
+    validate(config)
+    with loop.prepare(config, workdir, mesh) as run:
+        data = pipeline.open_host_data(config.data, seed=config.seed, global_batch=config.batch_size,
+                                       sharding=data_sharding(run.mesh))
+        task, _, _ = build_task(config, data)
+        logging.info("%s; mode %s, ViT %s + %s", data.describe(), config.mode, config.model, config.agent.preset)
+        return run.train(task)

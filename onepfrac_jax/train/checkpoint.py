@@ -1,44 +1,205 @@
-"""Orbax checkpoints of the train state and the data position, one folder per step under workdir/checkpoints."""
+"""Orbax checkpoints of the train state and the run's evaluation history, one folder per step under DIR/checkpoints.
+
+Saves are asynchronous and atomic (Orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it). Restoring falls back:
+a checkpoint that cannot be read is moved to DIR/damaged-checkpoints/<step> (kept, not deleted) with a one-line
+warning, and the one before it is tried. A write that fails (disk full) is one RunError and leaves no temporary folder.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from onepfrac_jax.config import ConfigError, RunError
+
+DAMAGED = "damaged-checkpoints"
+_TMP_GLOB = "*.orbax-checkpoint-tmp*"
+
+
+def _shapes(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Leaf path → (shape, dtype) of a state or of Orbax's metadata of one (the two name their keys alike)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): (tuple(x.shape), str(np.dtype(x.dtype)))
+            for path, x in leaves}
+
+
+def describe_mismatch(saved: dict, wanted: dict) -> str | None:
+    """One line naming how two `_shapes` maps differ (first few differences and a count), or None."""
+    diffs = [f"{k} missing here" for k in saved.keys() - wanted.keys()]
+    diffs += [f"{k} missing in the checkpoint" for k in wanted.keys() - saved.keys()]
+    diffs += [f"{k} is {saved[k][0]} {saved[k][1]} there, {wanted[k][0]} {wanted[k][1]} here"
+              for k in saved.keys() & wanted.keys() if saved[k] != wanted[k]]
+    if not diffs:
+        return None
+    diffs.sort(key=lambda d: (not d.startswith("params/"), d))  # the model's own arrays say most
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return "; ".join(diffs[:3]) + more
 
 
 class Checkpoints:
-    """Asynchronous, atomic saves (Orbax writes a temporary folder and renames it); restores the latest."""
+    """The run's checkpoint folder: asynchronous saves, a restore that falls back past damaged checkpoints."""
 
     def __init__(self, directory: Path, keep: int):
         self.directory = directory
-        self.manager = ocp.CheckpointManager(
-            directory.resolve(),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        )
+        self._keep = keep
+        self._failed = False
+        _quiet_abandoned_io()  # a failed background write prints before the loop can know of it
+        self.manager = self._open()
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def _open(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(
+            self.directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, data: dict) -> None:
-        """Starts an asynchronous save of `state` and the JSON-able data position `data` at `step`."""
-        self.manager.save(
-            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))
-        )
+        """Starts an asynchronous save of `state` and the JSON-able `data` at `step`; RunError if writing fails."""
+        self._guard(lambda: self.manager.save(
+            step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data))),
+            f"a checkpoint write failed (by step {step})")
 
     def restore(self, step: int, target: Any) -> tuple[Any, dict]:
-        """The state at `step`, laid out (shapes, dtypes, shardings) like `target`, and its data position."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-        )
-        return restored.state, restored.data
+        """The state at `step` laid out like `target`, and its data; ConfigError if its arrays do not fit `target`
+        (another model), any other exception if the checkpoint cannot be read."""
+        metadata = self.manager.item_metadata(step)["state"]
+        if metadata is None:
+            raise ValueError("its state has no readable metadata")
+        mismatch = describe_mismatch(_shapes(getattr(metadata, "tree", metadata)), _shapes(target))
+        if mismatch is not None:
+            raise ConfigError(f"the checkpoint at step {step} in {self.directory} does not fit this config's "
+                              f"model ({mismatch}); use the run's own config, or --config.overwrite=True to start "
+                              f"afresh")
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, target)),
+            data=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.data)
+
+    def restore_latest(self, target: Any) -> tuple[int, Any, dict] | None:
+        """(step, state, data) of the newest readable checkpoint, setting damaged ones aside; None when there is
+        none at all, ConfigError when every one is damaged."""
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return (step, *self.restore(step, target))
+            except ConfigError:
+                raise
+            except Exception as e:  # Orbax and TensorStore raise many types for unreadable or truncated files
+                self._set_aside(step, e)
+                damaged.append(step)
+        if damaged:
+            raise ConfigError(f"no usable checkpoint in {self.directory}: steps {', '.join(map(str, damaged))} are "
+                              f"damaged (moved to {self.directory.parent / DAMAGED}); --config.overwrite=True "
+                              f"starts afresh")
+        return None
+
+    def _set_aside(self, step: int, error: Exception) -> None:
+        """Moves a damaged checkpoint out of Orbax's sight, keeping it; every process waits for the move."""
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        target = self.directory.parent / DAMAGED / str(step)
+        logging.warning("checkpoint at step %d in %s is unreadable (%s); moved to %s, trying the one before",
+                        step, self.directory, first_line, target)
+        if jax.process_index() == 0:
+            target.parent.mkdir(exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.move(str(self.directory / str(step)), target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"onepfrac:set_aside:{step}")
+        self.manager.reload()
+
+    def _guard(self, action: Any, what: str) -> None:
+        try:
+            action()
+        except Exception as e:  # an async write failure resurfaces here as whatever the writer raised
+            self._failed = True
+            with contextlib.suppress(Exception):  # let writes still in flight end (they fail alike) before cleaning
+                self.manager.wait_until_finished()
+            self._remove_temporaries()
+            raise RunError(f"{what} in {self.directory}: {_reason(e)}; the checkpoints before it are intact") from e
+
+    def _remove_temporaries(self) -> None:
+        if jax.process_index() == 0:
+            for tmp in self.directory.glob(_TMP_GLOB):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        self._guard(self.manager.wait_until_finished, "a checkpoint write failed")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the last save (RunError if it failed) and closes; after a failure, only closes."""
+        try:
+            if not self._failed:
+                self.wait()
+        finally:
+            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
+                self.manager.close()
+
+
+def _reason(error: BaseException) -> str:
+    """The operating system's word for a failed write (TensorStore wraps it as os_error_code), else the first line."""
+    for e in (error, error.__cause__, error.__context__):
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        code = re.search(r"os_error_code='(\d+)'", str(e or ""))
+        if code:
+            return os.strerror(int(code.group(1)))
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+
+
+def _is_closed_loop_error(error: BaseException | None) -> bool:
+    return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+
+
+@functools.cache
+def _quiet_abandoned_io() -> None:
+    """Once a restore or save has failed, TensorStore's other reads or writes of it end in callbacks to asyncio loops
+    that are gone: asyncio logs "Task exception was never retrieved" and Python prints "Event loop is closed"
+    tracebacks (through sys.excepthook / sys.unraisablehook) long after the one-line message has said what happened.
+    Silence just those, for the rest of the process."""
+    import logging as logging_std
+    import sys
+
+    logging_std.getLogger("asyncio").setLevel(logging_std.CRITICAL)
+    previous_unraisable, previous_except = sys.unraisablehook, sys.excepthook
+
+    def unraisable_hook(unraisable):
+        if not _is_closed_loop_error(unraisable.exc_value):
+            previous_unraisable(unraisable)
+
+    def except_hook(kind, value, traceback):
+        if not _is_closed_loop_error(value):
+            previous_except(kind, value, traceback)
+
+    sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
+
+
+def load_variables(workdir: Path) -> dict:
+    """The latest checkpoint's params and other collections as NumPy arrays, whatever topology saved it.
+
+    Restoring onto NumPy targets built from the checkpoint's metadata does not depend on the devices of the run
+    that saved it (restoring onto its recorded shardings fails elsewhere with "Topology mismatch").
+    """
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
+                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise ConfigError(f"{workdir} holds no checkpoint")
+        metadata = manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(metadata, "tree", metadata),
+                              is_leaf=lambda m: hasattr(m, "shape"))
+        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+    finally:
+        manager.close()
+    return {"params": state["params"], **state["extra"]}

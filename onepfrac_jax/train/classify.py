@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from onepfrac_jax.data.augment import AugmentConfig, eval_transform
 from onepfrac_jax.export.timm import export_vit
 from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit
 from onepfrac_jax.train.loop import TrainState
+from onepfrac_jax.train.losses import soft_cross_entropy, top1_correct
 
 # Free ViT dimensions: -1 keeps the preset's value.
 FREE_DIMS = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
@@ -41,6 +41,8 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
 
 def validate_model_fields(config: ml_collections.ConfigDict) -> None:
     require(config.model in VIT_PRESETS, f"model={config.model!r} is not one of {', '.join(sorted(VIT_PRESETS))}")
+    for name in FREE_DIMS:
+        require(config[name] == -1 or config[name] > 0, f"{name}={config[name]} must be > 0 (or -1: the preset's)")
     require(0 <= config.drop_path < 1 and 0 <= config.dropout < 1, "drop_path and dropout must lie in [0, 1)")
 
 
@@ -51,9 +53,7 @@ def soft_target_loss(model: ViT) -> Callable:
         dropout_key, path_key = jax.random.split(key)
         logits = model.apply({"params": params}, batch["image"], train=True,
                              rngs={"dropout": dropout_key, "drop_path": path_key})
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-        loss = -jnp.mean(jnp.sum(batch["target"] * logp, axis=-1))
-        return loss, ({}, extra)
+        return soft_cross_entropy(logits, batch["target"]), ({}, extra)
 
     return loss_fn
 
@@ -64,8 +64,7 @@ def make_evaluate(model: ViT, augment: AugmentConfig, batches: Callable[[], Iter
     @jax.jit
     def counts(params, batch):
         logits = model.apply({"params": params}, eval_transform(augment, batch["image"], model.dtype))
-        hit = (jnp.argmax(logits, -1) == batch["label"]) & batch["mask"]
-        return jnp.sum(hit), jnp.sum(batch["mask"])
+        return top1_correct(logits, batch["label"], batch["mask"])
 
     def evaluate(state: TrainState) -> dict[str, float]:
         correct = total = 0
@@ -83,11 +82,3 @@ def make_export(model: ViT, augment: AugmentConfig) -> Callable[[TrainState, Pat
         return export_vit(params, model.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std, overwrite=True)
 
     return export
-
-
-def report_accuracy(workdir: Path) -> tuple[float, float] | None:
-    """(max, final) val_top1 from metrics.csv, the seeds' two numbers; None without evaluations."""
-    with (workdir / "metrics.csv").open(newline="") as f:
-        values = [float(r["val_top1"]) for r in csv.DictReader(f) if r.get("val_top1")]
-    return (max(values), values[-1]) if values else None
-

@@ -6,7 +6,6 @@ the device, keyed by (seed, step, global example index) like pre-training.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -16,10 +15,9 @@ from absl import logging
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.augment import augment_batch, augment_config
-from onepfrac_jax.data.sources import make_source
 from onepfrac_jax.export.timm import load_timm_weights
 from onepfrac_jax.models.vit import ViT
-from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding
 from onepfrac_jax.train import classify, loop
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -51,61 +49,44 @@ def load_init_params(init_from: str, model: ViT, key: jax.Array) -> dict:
     return params
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.TrainState:
-    # ---- config and data --------------------------------------------------------------------------------------
-    loop.validate_train_config(config)
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check that needs no data, weights or devices' work."""
     classify.validate_model_fields(config)
+    require(augment_config(config.augment).size == config.image_size,
+            f"augment.size={config.augment.size} must equal image_size={config.image_size}")
+    if config.init_from:
+        init_weights_path(config.init_from)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.Result:
+    validate(config)
     augment = augment_config(config.augment)
-    require(augment.size == config.image_size, f"augment.size={augment.size} must equal image_size={config.image_size}")
-    train_source = make_source(config.data, "train")
-    val_source = make_source(config.data, config.data.eval_split)
-    require(len(train_source) >= config.batch_size,
-            f"the train split has {len(train_source)} examples, fewer than batch_size={config.batch_size}")
-    num_classes = train_source.num_classes
-    model = classify.build_vit(config, num_classes)
-    mesh = make_data_mesh() if mesh is None else mesh
-    sharding = data_sharding(mesh)
-    batch = config.batch_size
-    steps_per_epoch = pipeline.steps_per_epoch(len(train_source), batch)
-    total = loop.total_steps(config, steps_per_epoch)
-    init_params = load_init_params(config.init_from, model, jax.random.key(config.seed)) if config.init_from else None
-    logging.info("%s: %d train / %d %s examples, %d classes, %d steps/epoch", config.data.name, len(train_source),
-                 len(val_source), config.data.eval_split, num_classes, steps_per_epoch)
+    with loop.prepare(config, workdir, mesh) as run:
+        data = pipeline.open_host_data(config.data, seed=config.seed, global_batch=config.batch_size,
+                                       sharding=data_sharding(run.mesh))
+        num_classes = data.train.num_classes
+        model = classify.build_vit(config, num_classes)
+        init_params = (load_init_params(config.init_from, model, jax.random.key(config.seed)) if config.init_from
+                       else None)
+        logging.info("%s", data.describe())
 
-    def init_variables(key):
-        if init_params is not None:
-            return {"params": init_params}
-        return model.init(key, jax.numpy.zeros((1, config.image_size, config.image_size, 3)))
+        def init_variables(key):
+            if init_params is not None:
+                return {"params": init_params}
+            return model.init(key, jax.numpy.zeros((1, config.image_size, config.image_size, 3)))
 
-    def inputs(start: int):
-        return pipeline.train_inputs(train_source, config.data, seed=config.seed, global_batch=batch,
-                                     sharding=sharding, start=start)
+        def make_batch(key, item, step):
+            x, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,
+                                       model.dtype)
+            return {"image": x, "target": targets}
 
-    def make_batch(key, item, step):
-        x, targets = augment_batch(augment, key, item["image"], item["label"], item["index"], num_classes,
-                                   model.dtype)
-        return {"image": x, "target": targets}
-
-    def val_batches():
-        return pipeline.eval_batches(val_source, global_batch=batch, sharding=sharding,
-                                     num_threads=config.data.num_threads)
-
-    task = loop.Task(
-        init_variables=init_variables,
-        make_batch=make_batch,
-        loss_fn=classify.soft_target_loss(model),
-        inputs=inputs,
-        evaluate=classify.make_evaluate(model, augment, val_batches),
-        export=classify.make_export(model, augment),
-        total_steps=total,
-        steps_per_epoch=steps_per_epoch,
-        global_batch=batch,
-        eval_names=("val_top1",),
-    )
-    state = loop.train(task, config, workdir, mesh)
-    accuracy = classify.report_accuracy(Path(workdir))
-    if accuracy is not None and jax.process_index() == 0:
-        best, final = accuracy
-        print(f"val top-1: max {best:.2f}%, final {final:.2f}%")
-        (Path(workdir) / "result.json").write_text(json.dumps({"val_top1_max": best, "val_top1_final": final}))
-    return state
+        return run.train(loop.Task(
+            init_variables=init_variables,
+            make_batch=make_batch,
+            loss_fn=classify.soft_target_loss(model),
+            inputs=data.inputs,
+            evaluate=classify.make_evaluate(model, augment, data.val_batches),
+            export=classify.make_export(model, augment),
+            steps_per_epoch=data.steps_per_epoch,
+            eval_names=("val_top1",),
+        ))

@@ -1,19 +1,25 @@
 """The one training loop every stage runs: a jitted, data-parallel step over a `data` mesh, Orbax resume.
 
-A stage describes itself as a `Task` (how to initialise, make a batch on device, compute the loss, evaluate and
-export); this module owns everything else: run directory, mesh, optimizer, precision, checkpoints, metrics.
+Every training stage takes the same path from its config to the loop:
+
+    validate the config (cheap) → `with loop.prepare(config, workdir, mesh) as run:` → expensive set-up (bank,
+    sources, weights) → `run.train(task)` → Result
+
+`prepare` validates the loop's fields, checks and locks the run directory (rundir.RunDir) and builds the mesh before
+any rendering, decoding or weight loading, so a bad workdir fails within seconds whatever the bank size. A stage
+describes itself as a `Task` (how to initialise, make a batch on device, compute the loss, evaluate and export);
+`Run.train` owns the rest: optimizer, precision, checkpoints, metrics and result.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import jax
@@ -24,15 +30,14 @@ import optax
 from absl import logging
 from flax import struct
 
-from onepfrac_jax.config import ConfigError, create_dir, require, require_choice, to_json
+from onepfrac_jax.config import require, require_choice
 from onepfrac_jax.models import DTYPES
 from onepfrac_jax.parallel.mesh import Mesh, make_data_mesh, replicated
+from onepfrac_jax.rundir import Result, RunDir
 from onepfrac_jax.train import optim
 from onepfrac_jax.train.checkpoint import Checkpoints
 from onepfrac_jax.train.metrics import MetricWriter
 
-# Keys that may differ between a run's saved config and the command that resumes it.
-_RUN_CONTROL_KEYS = ("resume", "overwrite")
 # float16 dynamic loss scaling: start high, halve on overflow, double after this many finite steps.
 _INITIAL_LOSS_SCALE = 2.0**15
 _LOSS_SCALE_PERIOD = 2000
@@ -46,7 +51,7 @@ def stream_key(seed: int, stream: int) -> jax.Array:
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; main.py prints it as one line and exits non-zero."""
+    """The loss or the state became NaN or infinite; main.py prints it as one line and exits with code 3."""
 
 
 @struct.dataclass
@@ -61,7 +66,7 @@ class TrainState:
 
 @dataclasses.dataclass
 class Task:
-    """What a stage plugs into the loop."""
+    """What a stage plugs into the loop (the run's config supplies batch size, steps, seeds and schedules)."""
 
     init_variables: Callable[[jax.Array], dict]  # key -> {'params': ..., other collections}
     make_batch: Callable[[jax.Array, Any, jax.Array], dict]  # (key, host inputs, step) -> batch, traced in jit
@@ -69,10 +74,7 @@ class Task:
     inputs: Callable[[int], Iterator[Any]]  # first step -> one host-input item per step (None when on-device only)
     evaluate: Callable[[TrainState], dict[str, float]] | None  # full validation pass -> metrics
     export: Callable[[TrainState, Path], dict] | None  # writes workdir/export, returns {name: path}
-    total_steps: int
-    steps_per_epoch: int
-    global_batch: int
-    eval_every_steps: int = 0  # 0: only at the end (when evaluate is set)
+    steps_per_epoch: float
     metric_names: tuple[str, ...] = ("loss",)  # loss metrics logged (means over the interval)
     eval_names: tuple[str, ...] = ()  # evaluate()'s keys, also CSV columns
     optimizer_labels: Callable[[Any], Any] | None = None  # params -> label tree: one optimizer per label
@@ -91,12 +93,13 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
     config.keep_checkpoints = 3
     config.eval_every_steps = 0  # 0: once per epoch where the stage evaluates
     config.resume = False  # continue the run in workdir even though its config differs
-    config.overwrite = False  # delete what workdir holds and start afresh
+    config.overwrite = False  # delete the run workdir holds (only a run of this project) and start afresh
 
 
-def validate_train_config(config: ml_collections.ConfigDict) -> None:
+def validate_train_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
+    """The loop's fields; `devices` (default: all of every process) must divide the batch."""
     require(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
-    devices = jax.device_count()
+    devices = jax.device_count() if devices is None else devices
     require(config.batch_size % devices == 0,
             f"batch_size={config.batch_size} is not divisible by the {devices} devices of all processes")
     require_choice("dtype", config.dtype, tuple(DTYPES))
@@ -105,49 +108,23 @@ def validate_train_config(config: ml_collections.ConfigDict) -> None:
     require(config.log_every_steps > 0, f"log_every_steps={config.log_every_steps} must be > 0")
     require(config.checkpoint_every_steps > 0, f"checkpoint_every_steps={config.checkpoint_every_steps} must be > 0")
     require(config.keep_checkpoints > 0, f"keep_checkpoints={config.keep_checkpoints} must be > 0")
+    require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be ≥ 0")
     optim.validate(config.optim)
 
 
-def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
     if config.total_steps > 0:
         return config.total_steps
     return max(1, math.ceil(config.num_epochs * steps_per_epoch))
-
-
-def _comparable(config_json: str) -> dict:
-    data = json.loads(config_json)
-    return {k: v for k, v in data.items() if k not in _RUN_CONTROL_KEYS}
-
-
-def prepare_run_dir(config: ml_collections.ConfigDict, workdir: str) -> tuple[Path, bool]:
-    """Returns (path, resuming). Refuses to mix runs: a different config needs resume=True, a stranger overwrite."""
-    path = Path(workdir)
-    require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
-    saved = path / "config.json"
-    if path.exists() and any(path.iterdir()):
-        if config.overwrite:
-            if jax.process_index() == 0:
-                shutil.rmtree(path)
-        elif not saved.exists():
-            raise ConfigError(f"workdir {path} is not empty and holds no run; pass --config.overwrite=True to "
-                              f"delete its contents")
-        else:
-            old, new = _comparable(saved.read_text()), _comparable(to_json(config))
-            if old != new and not config.resume:
-                keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-                raise ConfigError(f"workdir {path} holds a run with a different config (differs in: "
-                                  f"{', '.join(keys)}); pass --config.resume=True to continue it with this config, "
-                                  f"or --config.overwrite=True to start afresh")
-            return path, True
-    return create_dir(path), False
 
 
 def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
-def _build_optimizer(task: Task, config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-    lr = optim.schedule(config.optim, task.total_steps, task.steps_per_epoch, task.global_batch)
+def _build_optimizer(task: Task, config: ml_collections.ConfigDict,
+                     total: int) -> tuple[optax.GradientTransformation, Any]:
+    lr = optim.schedule(config.optim, total, task.steps_per_epoch, config.batch_size)
     tx = optim.make_optimizer(config.optim, lr)
     if task.optimizer_labels is not None:
         # Separate optimizer states per model (Bootstrapping's joint mode): same settings, own moments.
@@ -186,7 +163,9 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
                 good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0),
             )
             metrics = {**metrics, "loss_scale": state.loss_scale}
-        return new, {**metrics, "loss": loss, "lr": lr(state.step)}
+        # A finite loss can still give a non-finite update: only a state checked here is ever saved.
+        finite_state = _all_finite((new.params, new.opt_state, new.extra))
+        return new, {**metrics, "loss": loss, "lr": lr(state.step), "finite_state": finite_state}
 
     return train_step
 
@@ -261,134 +240,160 @@ class _Stop:
             signal.signal(signal.SIGTERM, self.previous)
 
 
-def train(task: Task, config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> TrainState:
-    """Runs (or resumes) the task to `task.total_steps`; returns the final state."""
-    # ---- run directory -------------------------------------------------------------------------------------
-    path, resuming = prepare_run_dir(config, workdir)
-    main_process = jax.process_index() == 0
-    if main_process:
-        (path / "config.json").write_text(to_json(config))
+def prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Run:
+    """The loop's checks, the locked run directory and the mesh: the first thing a training stage does."""
     mesh = make_data_mesh() if mesh is None else mesh
-    logging.info("mesh: %d devices over %d processes, global batch %d", mesh.devices.size, jax.process_count(),
-                 task.global_batch)
+    validate_train_config(config, mesh.devices.size)
+    return Run(config, RunDir.open(config, workdir), mesh)
 
-    # ---- model, optimizer, state ---------------------------------------------------------------------------
-    tx, lr = _build_optimizer(task, config)
-    state = init_state(task, tx, config.seed, mesh)
-    if config.dtype == "float16":
-        state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
-    num_params = sum(x.size for x in jax.tree.leaves(state.params))
-    logging.info("%s parameters", f"{num_params:,}")
 
-    # ---- checkpoints: resume where a previous process left off ----------------------------------------------
-    checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
-    start = 0
-    if resuming and checkpoints.latest_step() is not None:
-        state, data = checkpoints.restore(checkpoints.latest_step(), state)
-        start = int(data["step"])
-        logging.info("resumed from %s at step %d", path / "checkpoints", start)
-    require(start <= task.total_steps, f"the run in {path} is at step {start}, past total_steps={task.total_steps}")
+class Run:
+    """A prepared run: `train(task)` runs or resumes it; as a context manager it releases the workdir at the end."""
 
-    # ---- the update step -------------------------------------------------------------------------------------
-    step_fn = jax.jit(
-        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
-        out_shardings=(replicated(mesh), replicated(mesh)),
-        donate_argnums=0,
-    )
-    # input_wait: the fraction of the interval spent waiting for the host pipeline
-    writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *task.eval_names],
-                          task.total_steps,
-                          enabled=main_process, resume=resuming)
-    writer.truncate_after(start)
-    eval_every = task.eval_every_steps or config.eval_every_steps or task.steps_per_epoch
+    def __init__(self, config: ml_collections.ConfigDict, rundir: RunDir, mesh: Mesh):
+        self.config = config
+        self.rundir = rundir
+        self.path = rundir.path
+        self.mesh = mesh
+        logging.info("mesh: %d devices over %d processes, global batch %d; run directory %s%s", mesh.devices.size,
+                     jax.process_count(), config.batch_size, self.path, " (resuming)" if rundir.resuming else "")
 
-    # ---- the loop ----------------------------------------------------------------------------------------------
-    stop, stopped = _Stop(), False
-    pending: list[tuple[int, dict]] = []
-    last_saved = start if start > 0 else None
-    tick, wait, interval_start = time.perf_counter(), 0.0, start
+    def __enter__(self) -> Run:
+        return self
 
-    def flush(step: int) -> dict[str, float]:
-        """Fetches the metrics of the steps since the last flush; stops on a non-finite loss."""
-        nonlocal pending
-        fetched = [(s, jax.device_get(m)) for s, m in pending]
-        pending = []
-        for s, m in fetched:
-            # Under float16 scaling an overflow only skips that step and halves the scale; it is fatal once the
-            # scale has bottomed out at 1.
-            if not np.isfinite(m["loss"]) and m.get("loss_scale", 1.0) <= 1.0:
-                where = f"checkpoint at step {last_saved}" if last_saved is not None else "no checkpoint yet"
-                raise NonFiniteLossError(f"loss is {m['loss']} at step {s}; last good {where} in "
-                                         f"{path / 'checkpoints'}")
-        return {k: float(np.mean([m[k] for _, m in fetched])) for k in fetched[-1][1]} if fetched else {}
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.rundir.close(failed=kind is not None)
 
-    def save(step: int) -> None:
-        nonlocal last_saved
-        checkpoints.save(step, state, {"step": step})
-        last_saved = step
+    def _restore(self, checkpoints: Checkpoints, state: TrainState) -> tuple[int, TrainState, list[dict]]:
+        """(start step, state, evaluation history) of the newest usable checkpoint, or the fresh state's."""
+        found = checkpoints.restore_latest(state)
+        if found is None:
+            return 0, state, []
+        step, state, data = found
+        logging.info("resumed from %s at step %d", checkpoints.directory, step)
+        return step, state, list(data.get("history", []))
 
-    inputs = task.inputs(start)
-    try:
-        for step in range(start, task.total_steps):
-            t0 = time.perf_counter()
-            item = next(inputs)
-            wait += time.perf_counter() - t0
-            state, metrics = step_fn(state, item)
-            pending.append((step + 1, metrics))
-            done = step + 1
-            row: dict[str, float] = {}
-            if done % config.log_every_steps == 0 or done == task.total_steps:
-                row = flush(done)
-                elapsed = time.perf_counter() - tick
-                row["images_per_s"] = (done - interval_start) * task.global_batch / elapsed
-                row["input_wait"] = wait / elapsed
-                tick, wait, interval_start = time.perf_counter(), 0.0, done
-            if task.evaluate is not None and (done % eval_every == 0 or done == task.total_steps):
-                row.update(task.evaluate(state))
-            if row:
-                writer.write(done, row)
-                writer.progress(done, {k: v for k, v in row.items() if k in (*task.metric_names, "lr",
-                                                                                "images_per_s", *task.eval_names)})
-            if done % config.checkpoint_every_steps == 0 or done == task.total_steps:
-                flush(done)
-                save(done)
-            # Every process asks every step (the answer is collective); at the last step the run is complete.
-            if stop.agreed() and done < task.total_steps:
-                flush(done)
-                if last_saved != done:  # not saved just above as a regular checkpoint
+    def train(self, task: Task) -> Result:
+        """Runs (or resumes) the task to its last step; writes result.json and returns the Result."""
+        config, path, mesh = self.config, self.path, self.mesh
+        main_process = jax.process_index() == 0
+        total = total_steps(config, task.steps_per_epoch)
+
+        # ---- model, optimizer, state ---------------------------------------------------------------------------
+        tx, lr = _build_optimizer(task, config, total)
+        state = init_state(task, tx, config.seed, mesh)
+        if config.dtype == "float16":
+            state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
+        logging.info("%s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
+
+        # ---- checkpoints: resume where a previous process left off; only then is config.json (re)written ------
+        start, history = 0, []
+        if self.rundir.resuming:
+            checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
+            start, state, history = self._restore(checkpoints, state)
+            require(start <= total, f"the run in {path} is at step {start}, past total_steps={total}")
+            self.rundir.begin()
+        else:
+            self.rundir.begin()  # an overwrite clears the old run here, before anything new is written
+            checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
+        history = [row for row in history if row["step"] <= start]
+
+        # ---- the update step -------------------------------------------------------------------------------------
+        step_fn = jax.jit(
+            _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
+            out_shardings=(replicated(mesh), replicated(mesh)),
+            donate_argnums=0,
+        )
+        # input_wait: the fraction of the interval spent waiting for the host pipeline
+        writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *task.eval_names],
+                              total, enabled=main_process, resume=self.rundir.resuming)
+        writer.truncate_after(start)
+        eval_every = config.eval_every_steps or max(1, round(task.steps_per_epoch))
+
+        # ---- the loop ----------------------------------------------------------------------------------------------
+        stop, stopped = _Stop(), False
+        pending: list[tuple[int, dict]] = []  # the steps' metrics, still on the device
+        interval: list[dict] = []  # fetched and checked, not yet logged
+        last_saved = start if start > 0 else None
+        tick, wait, interval_start = time.perf_counter(), 0.0, start
+        done = start
+
+        def check() -> None:
+            """Fetches the metrics of the steps not yet fetched; stops on a non-finite loss or state."""
+            nonlocal pending
+            fetched = [(s, jax.device_get(m)) for s, m in pending]
+            pending = []
+            for s, m in fetched:
+                where = (f"last good checkpoint at step {last_saved}" if last_saved is not None
+                         else "no checkpoint yet") + f" in {path / 'checkpoints'}"
+                # Under float16 scaling an overflow only skips that step and halves the scale; it is fatal once the
+                # scale has bottomed out at 1.
+                if not np.isfinite(m["loss"]) and m.get("loss_scale", 1.0) <= 1.0:
+                    raise NonFiniteLossError(f"loss is {m['loss']} at step {s}; {where}")
+                if not m["finite_state"]:
+                    raise NonFiniteLossError(f"the update of step {s} made the parameters or optimizer state "
+                                             f"non-finite (loss {m['loss']:.4g}); {where}")
+                interval.append(m)
+
+        def interval_means() -> dict[str, float]:
+            check()
+            means = {k: float(np.mean([m[k] for m in interval])) for k in interval[-1] if k != "finite_state"}
+            interval.clear()
+            return means
+
+        def save(step: int) -> None:
+            nonlocal last_saved
+            check()  # a state is saved only once it is known finite
+            checkpoints.save(step, state, {"history": history})
+            last_saved = step
+
+        inputs = task.inputs(start)
+        try:
+            for step in range(start, total):
+                t0 = time.perf_counter()
+                item = next(inputs)
+                wait += time.perf_counter() - t0
+                state, metrics = step_fn(state, item)
+                pending.append((step + 1, metrics))
+                done = step + 1
+                row: dict[str, float] = {}
+                if done % config.log_every_steps == 0 or done == total:
+                    row = interval_means()
+                    elapsed = time.perf_counter() - tick
+                    row["images_per_s"] = (done - interval_start) * config.batch_size / elapsed
+                    row["input_wait"] = wait / elapsed
+                    tick, wait, interval_start = time.perf_counter(), 0.0, done
+                if task.evaluate is not None and (done % eval_every == 0 or done == total):
+                    check()
+                    scores = task.evaluate(state)
+                    history.append({"step": done, **scores})
+                    row.update(scores)
+                if row:
+                    writer.write(done, row)
+                    writer.progress(done, {k: v for k, v in row.items() if k in (*task.metric_names, "lr",
+                                                                                    "images_per_s", *task.eval_names)})
+                if done % config.checkpoint_every_steps == 0 or done == total:
                     save(done)
-                checkpoints.wait()
-                logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done, path / "checkpoints")
-                stopped = True
-                break
-    finally:
-        stop.restore()
-        checkpoints.close()
-        writer.close()
+                # Every process asks every step (the answer is collective); at the last step the run is complete.
+                if stop.agreed() and done < total:
+                    if last_saved != done:  # not saved just above as a regular checkpoint
+                        save(done)
+                    checkpoints.wait()
+                    logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done, path / "checkpoints")
+                    stopped = True
+                    break
+        finally:
+            stop.restore()
+            try:
+                checkpoints.close()
+            finally:
+                writer.close()
 
-    if not stopped and task.export is not None and main_process:
-        for name, file in task.export(state, path / "export").items():
-            print(f"{name}: {file}")
-    return state
-
-
-def load_latest_variables(workdir: Path) -> dict:
-    """The latest checkpoint's params and other collections as NumPy arrays, whatever topology saved it.
-
-    Restoring onto NumPy targets built from the checkpoint's metadata does not depend on the devices of the run
-    that saved it (restoring onto its recorded shardings fails elsewhere with "Topology mismatch").
-    """
-    import orbax.checkpoint as ocp
-
-    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
-    step = manager.latest_step()
-    if step is None:
-        manager.close()
-        raise ConfigError(f"{workdir} holds no checkpoint")
-    metadata = manager.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(metadata, "tree", metadata),
-                          is_leaf=lambda m: hasattr(m, "shape"))
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
-    manager.close()
-    return {"params": state["params"], **state["extra"]}
+        files = {}
+        if not stopped and task.export is not None and main_process:
+            files = {name: str(file) for name, file in task.export(state, path / "export").items()}
+        result = Result(stage=config.stage, step=done, total_steps=total, stopped=stopped, history=history,
+                        files=files, state=state)
+        result.write(path)
+        return result

@@ -19,7 +19,7 @@ from onepfrac_jax.config import require, require_choice
 from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.fractals import render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank, patch_bits
-from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh, replicated
+from onepfrac_jax.parallel.mesh import Mesh, data_sharding, replicated
 from onepfrac_jax.train import classify, loop
 
 DATA_MODES = ("bank", "fresh")
@@ -37,58 +37,59 @@ def epoch_labels(order_key: jax.Array, indices: jax.Array, num_classes: int, bat
     return perms[indices // num_classes - first_epoch, indices % num_classes]
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.TrainState:
-    # ---- config ------------------------------------------------------------------------------------------------
+def validate(config: ml_collections.ConfigDict) -> BankSpec:
+    """Every check that needs no devices' work: the bank, the model, the augmentation; returns the bank's spec."""
     spec = BankSpec.from_config(config, _RENAMED)
     spec.validate()
-    loop.validate_train_config(config)
     classify.validate_model_fields(config)
     require_choice("data_mode", config.data_mode, DATA_MODES)
     require(config.image_size >= 16, f"image_size={config.image_size} must be ≥ 16")
+    require(augment_config(config.augment).size == config.image_size,
+            f"augment.size={config.augment.size} must equal image_size={config.image_size}")
+    return spec
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.Result:
+    spec = validate(config)
     augment = augment_config(config.augment)
-    require(augment.size == config.image_size,
-            f"augment.size={augment.size} must equal image_size={config.image_size}")
     model = classify.build_vit(config, spec.num_classes)
-    mesh = make_data_mesh() if mesh is None else mesh
-    batch = config.batch_size
-    steps_per_epoch = spec.num_classes / batch  # the seeds' epoch is one pass over the L images
-    total = loop.total_steps(config, steps_per_epoch)
+    with loop.prepare(config, workdir, mesh) as run:
+        mesh = run.mesh
+        batch = config.batch_size
+        steps_per_epoch = spec.num_classes / batch  # the seeds' epoch is one pass over the L images
 
-    # ---- the bank, rendered once on the devices, then replicated so every device gathers locally -------------
-    bank = build_bank(spec, mesh, progress=lambda line: logging.info("bank: %s", line))
-    images = jax.device_put(bank.images, replicated(mesh))
-    class_params = jax.device_put(jnp.asarray(bank.class_params), replicated(mesh))
-    probs = jnp.asarray(bank.probs)
-    # fresh mode: new chain points per sample; the patch cells per step index stay the bank's (masks are drawn
-    # independently of the points, so this leaves the image distribution unchanged)
-    render_one = functools.partial(render.render_with_bits, bits=patch_bits(spec), image_size=spec.image_size,
-                                   pad=spec.pad, num_points=spec.num_points)
+        # ---- the bank, rendered once on the devices, then replicated so every device gathers locally ---------
+        bank = build_bank(spec, mesh, progress=lambda line: logging.info("bank: %s", line))
+        images = jax.device_put(bank.images, replicated(mesh))
+        class_params = jax.device_put(jnp.asarray(bank.class_params), replicated(mesh))
+        probs = jnp.asarray(bank.probs)
+        # fresh mode: new chain points per sample; the patch cells per step index stay the bank's (masks are drawn
+        # independently of the points, so this leaves the image distribution unchanged)
+        render_one = functools.partial(render.render_with_bits, bits=patch_bits(spec), image_size=spec.image_size,
+                                       pad=spec.pad, num_points=spec.num_points)
 
-    order_key = loop.stream_key(config.seed, _ORDER_STREAM)  # epoch permutations: a stream of their own
+        order_key = loop.stream_key(config.seed, _ORDER_STREAM)  # epoch permutations: a stream of their own
 
-    def make_batch(key, inputs, step):
-        render_key, augment_key = jax.random.split(key)
-        indices = step * batch + jnp.arange(batch, dtype=jnp.int32)
-        indices = jax.lax.with_sharding_constraint(indices, data_sharding(mesh))
-        labels = epoch_labels(order_key, indices, spec.num_classes, batch)
-        if config.data_mode == "bank":
-            gray = images[labels]
-        else:  # fresh chaos-game points for every sample, keyed by its global index
-            keys = jax.vmap(lambda i: jax.random.fold_in(render_key, i))(indices)
-            gray = jax.vmap(lambda p, k: render_one(p[None], probs, k)[0][0])(class_params[labels], keys)
-        rgb = jnp.repeat(gray[..., None], 3, axis=-1)
-        x, targets = augment_batch(augment, augment_key, rgb, labels, indices, spec.num_classes, model.dtype)
-        return {"image": x, "target": targets}
+        def make_batch(key, inputs, step):
+            render_key, augment_key = jax.random.split(key)
+            indices = step * batch + jnp.arange(batch, dtype=jnp.int32)
+            indices = jax.lax.with_sharding_constraint(indices, data_sharding(mesh))
+            labels = epoch_labels(order_key, indices, spec.num_classes, batch)
+            if config.data_mode == "bank":
+                gray = images[labels]
+            else:  # fresh chaos-game points for every sample, keyed by its global index
+                keys = jax.vmap(lambda i: jax.random.fold_in(render_key, i))(indices)
+                gray = jax.vmap(lambda p, k: render_one(p[None], probs, k)[0][0])(class_params[labels], keys)
+            rgb = jnp.repeat(gray[..., None], 3, axis=-1)
+            x, targets = augment_batch(augment, augment_key, rgb, labels, indices, spec.num_classes, model.dtype)
+            return {"image": x, "target": targets}
 
-    task = loop.Task(
-        init_variables=lambda key: model.init(key, jnp.zeros((1, config.image_size, config.image_size, 3))),
-        make_batch=make_batch,
-        loss_fn=classify.soft_target_loss(model),
-        inputs=lambda start: itertools.repeat(None),
-        evaluate=None,
-        export=classify.make_export(model, augment),
-        total_steps=total,
-        steps_per_epoch=steps_per_epoch,
-        global_batch=batch,
-    )
-    return loop.train(task, config, workdir, mesh)
+        return run.train(loop.Task(
+            init_variables=lambda key: model.init(key, jnp.zeros((1, config.image_size, config.image_size, 3))),
+            make_batch=make_batch,
+            loss_fn=classify.soft_target_loss(model),
+            inputs=lambda start: itertools.repeat(None),
+            evaluate=None,
+            export=classify.make_export(model, augment),
+            steps_per_epoch=steps_per_epoch,
+        ))

@@ -1,0 +1,257 @@
+"""The run directory every stage writes into: checked first, locked while in use, and never lost by mistake.
+
+`RunDir.open(config, workdir)` runs before any expensive work (rendering, decoding, loading weights) and decides:
+
+- a new run: the workdir is absent or empty;
+- a resumed run: it holds `config.json` of the same stage whose config equals this one (except `resume` and
+  `overwrite`), or differs and `resume=True`;
+- a fresh start over an old run: `overwrite=True`, allowed only over a run of this project (a `config.json` naming
+  one of its stages) and never over `/`, the home directory, the working directory or one of its parents.
+
+Everything else is one ConfigError. Process 0 holds an exclusive `flock` on `DIR/.lock` from `open` to `close`, so a
+second run started in the same workdir is refused at once. Nothing else is written until `begin()`: that is where an
+overwrite deletes the old contents and where `config.json` is written, after a resumed state has been restored, so a
+refused or failed start leaves the directory as it found it (`close(failed=True)` removes what `open` created).
+Every stage ends by writing `DIR/result.json` from its `Result`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from onepfrac_jax.config import STAGES, ConfigError, require, to_json
+
+LOCK_NAME = ".lock"
+CONFIG_NAME = "config.json"
+# Keys that may differ between a run's saved config and the command that resumes it.
+RUN_CONTROL_KEYS = ("resume", "overwrite")
+
+
+def _comparable(data: dict) -> dict:
+    return {k: v for k, v in data.items() if k not in RUN_CONTROL_KEYS}
+
+
+def _saved_config(path: Path) -> dict | None:
+    """The run's saved config as a dict; None when `path` holds no readable config.json of this project."""
+    try:
+        data = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("stage") in STAGES else None
+
+
+def _contents(path: Path) -> list[Path]:
+    return [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+
+
+def _protected(path: Path) -> str | None:
+    """Why deleting `path` would be a disaster, or None."""
+    resolved = path.resolve()
+    if resolved == Path(resolved.anchor):
+        return "the filesystem root"
+    if resolved == Path.home().resolve():
+        return "the home directory"
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        return "the working directory or one of its parents"
+    return None
+
+
+def _agree(ok: bool, message: str) -> None:
+    """Raises on every process when process 0 refused (only it holds the lock): the same answer everywhere."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        if not ok and jax.process_index() != 0:
+            message = "process 0 refused the workdir (its log says why)"
+    if not ok:
+        raise ConfigError(message)
+
+
+class RunDir:
+    """One stage's run directory, from the start-up checks to the end of the run (a context manager)."""
+
+    def __init__(self, path: Path, config: ml_collections.ConfigDict, resuming: bool, created: bool):
+        self.path = path
+        self.config = config
+        self.resuming = resuming
+        self._created = created
+        self._lock_fd: int | None = None
+        self._begun = False
+
+    @classmethod
+    def open(cls, config: ml_collections.ConfigDict, workdir: str | os.PathLike, resumable: bool = True) -> RunDir:
+        """Checks `workdir` against `config` and locks it; ConfigError (nothing written) when it cannot be used.
+
+        `resumable=False` (generate): an existing run is never continued, only replaced with `overwrite=True`.
+        """
+        require(str(workdir).strip() != "", "--workdir is empty; name the run directory")
+        path = Path(workdir).expanduser()
+        require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
+        resuming = False
+        if _contents(path):
+            saved = _saved_config(path)
+            if config.get("overwrite"):
+                danger = _protected(path)
+                require(danger is None, f"workdir {path} is {danger}; --config.overwrite=True would delete it; "
+                                        f"choose a directory of its own")
+                require(saved is not None, f"workdir {path} is not empty and is not a run of this project (no "
+                                           f"{CONFIG_NAME} naming a stage); --config.overwrite=True deletes only "
+                                           f"runs: choose another workdir")
+            elif saved is None:
+                raise ConfigError(f"workdir {path} is not empty and holds no run of this project; choose another "
+                                  f"workdir")
+            else:
+                resuming = cls._check_resume(path, saved, config, resumable)
+        existed = path.exists()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"workdir {path} cannot be created: {e.strerror}") from e
+        run = cls(path, config, resuming, created=not existed)
+        ok, message = True, ""
+        if jax.process_index() == 0:
+            try:
+                run._lock()
+            except ConfigError as e:
+                ok, message = False, str(e)
+        try:
+            _agree(ok, message)
+        except ConfigError:
+            run.close(failed=True)
+            raise
+        return run
+
+    @staticmethod
+    def _check_resume(path: Path, saved: dict, config: ml_collections.ConfigDict, resumable: bool) -> bool:
+        stage = config.get("stage")
+        if saved["stage"] != stage:
+            raise ConfigError(f"workdir {path} holds a {saved['stage']} run, not a {stage} run; choose another "
+                              f"workdir, or --config.overwrite=True to replace it")
+        if not resumable:
+            raise ConfigError(f"workdir {path} already holds a {stage} run; pass --config.overwrite=True to "
+                              f"replace it")
+        old, new = _comparable(saved), _comparable(json.loads(to_json(config)))
+        if old != new and not config.get("resume"):
+            keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(f"workdir {path} holds a run with a different config (differs in: {', '.join(keys)}); "
+                              f"pass --config.resume=True to continue it with this config, or "
+                              f"--config.overwrite=True to start afresh")
+        return True
+
+    def _lock(self) -> None:
+        lock_path = self.path / LOCK_NAME
+        while True:
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise ConfigError(f"workdir {self.path} is in use by another run ({holder}); wait for it to "
+                                      f"end or choose another workdir") from None
+                if e.errno == errno.ENOLCK:  # e.g. an NFS mount without a lock daemon: run, but say so
+                    from absl import logging
+
+                    logging.warning("cannot lock %s (no file locks on this filesystem): nothing stops a second "
+                                    "run in this workdir", lock_path)
+                    return
+                raise ConfigError(f"workdir {self.path} cannot be locked: {e.strerror}") from None
+            # The file may have been removed by its previous holder between our open and flock: lock the one
+            # that is at the path now.
+            try:
+                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     .encode())
+        self._lock_fd = fd
+
+    def begin(self) -> None:
+        """Commits to the run: an overwrite deletes the old contents, config.json is written (process 0)."""
+        if self._begun:
+            return
+        self._begun = True
+        if jax.process_index() == 0:
+            if self.config.get("overwrite") and not self.resuming:
+                for item in _contents(self.path):
+                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+            (self.path / CONFIG_NAME).write_text(to_json(self.config))
+        if jax.process_count() > 1:  # nobody writes into the directory before process 0 has cleared it
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"onepfrac:begin:{self.path}")
+
+    def close(self, failed: bool = False) -> None:
+        """Releases the lock; a start that failed before `begin()` leaves no trace of itself."""
+        if self._lock_fd is not None:
+            (self.path / LOCK_NAME).unlink(missing_ok=True)  # still ours: see _lock's inode check
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if failed and not self._begun and self._created and jax.process_index() == 0:
+            with contextlib.suppress(OSError):  # something else appeared in it meanwhile: leave it
+                self.path.rmdir()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close(failed=kind is not None)
+
+
+@dataclasses.dataclass
+class Result:
+    """What a stage's run returns, and (without `state`) what DIR/result.json holds."""
+
+    stage: str
+    step: int  # the step the run reached
+    total_steps: int
+    stopped: bool  # left early on SIGTERM (a checkpoint was saved)
+    history: list[dict]  # every evaluation of the run, resumed parts included: {'step': s, name: value, ...}
+    files: dict[str, str]  # what was exported: name -> path
+    state: Any = None  # what the stage made: a training stage's final TrainState, generate's FractalBank
+
+    @property
+    def summary(self) -> dict[str, float]:
+        """The seeds' two numbers for every evaluated metric: `<name>_max` and `<name>_final`."""
+        names = [k for row in self.history[:1] for k in row if k != "step"]
+        return {f"{name}_{kind}": fn(row[name] for row in self.history)
+                for name in names for kind, fn in (("max", max), ("final", lambda v: list(v)[-1]))}
+
+    def to_json(self) -> dict:
+        return {"stage": self.stage, "step": self.step, "total_steps": self.total_steps, "stopped": self.stopped,
+                **self.summary, "history": self.history, "files": self.files}
+
+    def write(self, path: Path) -> None:
+        """DIR/result.json and the console summary (process 0)."""
+        if jax.process_index() != 0:
+            return
+        (path / "result.json").write_text(json.dumps(self.to_json(), indent=1))
+        for name, value in self.summary.items():
+            if name.endswith("_max"):
+                base = name[: -len("_max")]
+                print(f"{base}: max {value:.2f}, final {self.summary[base + '_final']:.2f}")
+        for name, file in self.files.items():
+            print(f"{name}: {file}")
