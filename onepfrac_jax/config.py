@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 
 import ml_collections
 
@@ -33,8 +34,22 @@ def require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def first_few(items: Sequence[str], separator: str = ", ", shown: int = 3) -> str:
+    """'a, b, c and 4 more': an error about many things names the first `shown` and counts the rest."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
+
+
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def new_config(stage: str, variant: str | None, variants: Sequence[str], default: str) -> ml_collections.ConfigDict:
+    """A stage config's first fields: `stage` and the checked `variant` (`default` when None)."""
+    variant = variant or default
+    if variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of configs/{stage}.py; known: {', '.join(variants)}")
+    return ml_collections.ConfigDict({"stage": stage, "variant": variant})
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.ConfigDict:

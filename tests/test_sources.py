@@ -219,7 +219,7 @@ def test_verify_source_names_the_first_bad_files_and_counts_the_rest(tree, caplo
     message = str(err.value)
     assert message.startswith(f"5 of 11 images under {tree / 'train'} cannot be decoded: cannot decode image ")
     assert [name in message for name in (f"bad{i}.png" for i in range(5))] == [True] * 3 + [False] * 2
-    assert "float32 pixels" in message and message.endswith("; and 2 more") and "\n" not in message
+    assert "float32 pixels" in message and message.endswith(" and 2 more") and "\n" not in message
     assert "verified 11 images" in caplog.text and "files/s, 3 threads" in caplog.text
 
 

@@ -208,12 +208,13 @@ def test_finetune_bad_input(pretrained, tmp_path):
         assert not (tmp_path / name).exists()
 
 
-def test_a_corrupt_image_is_named(tmp_path):
+def test_a_corrupt_image_is_named_before_the_first_step(tmp_path):
     make_image_folder(tmp_path / "data")
     bad = tmp_path / "data" / "train" / "class_1" / "3.png"
     bad.write_bytes(bad.read_bytes()[:40])
-    with pytest.raises(ConfigError, match=r"class_1/3\.png"):
+    with pytest.raises(ConfigError, match=r"1 of 24 images under .* cannot be decoded: .*class_1/3\.png"):
         finetune.run(finetune_config(tmp_path / "data"), str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
+    assert not (tmp_path / "run").exists()  # found at start-up, before the run directory was written
 
 
 def test_main_reports_a_non_finite_loss_with_exit_code_3(tmp_path):

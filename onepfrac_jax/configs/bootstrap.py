@@ -21,7 +21,7 @@ agent_base_res_like, 2×2 pooled after blocks 2 and 8. The loss weights default 
 
 import ml_collections
 
-from onepfrac_jax.config import apply_overrides
+from onepfrac_jax.config import apply_overrides, new_config
 from onepfrac_jax.configs.finetune import data_config
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.train import classify, loop
@@ -82,12 +82,7 @@ def loss_config() -> ml_collections.ConfigDict:
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "cifar100_small_joint"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/bootstrap.py; known: {', '.join(VARIANTS)}")
-    c = ml_collections.ConfigDict()
-    c.stage = "bootstrap"
-    c.variant = variant
+    c = new_config("bootstrap", variant, tuple(VARIANTS), "cifar100_small_joint")
     c.mode = "joint"  # 'joint': two models, two optimizer states; 'shared': the agent computed from the ViT
     loop.default_train_config(c)
     classify.add_model_fields(c, "vit_small_bootstrap")
@@ -104,6 +99,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.augment = default_augment_config()
     c.augment.update(dict(crop="pad_crop", pad=4, hflip=0.5, interpolation="bilinear", mean=CIFAR_MEAN,
                           std=CIFAR_STD))
-    apply_overrides(c, VARIANTS[variant])
+    apply_overrides(c, VARIANTS[c.variant])
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size
     return c

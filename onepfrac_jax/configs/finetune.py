@@ -16,6 +16,7 @@ state dict or {'model': state_dict}; the head is replaced when the class count d
 
 import ml_collections
 
+from onepfrac_jax.config import new_config
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.train import classify, loop
 
@@ -48,12 +49,7 @@ VARIANTS = ("cifar100", "imagefolder", "digits_demo")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "cifar100"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/finetune.py; known: {', '.join(VARIANTS)}")
-    c = ml_collections.ConfigDict()
-    c.stage = "finetune"
-    c.variant = variant
+    c = new_config("finetune", variant, tuple(VARIANTS), "cifar100")
     loop.default_train_config(c)
     classify.add_model_fields(c, "vit_tiny_patch16_224")
     c.init_from = ""  # '' (scratch), a run directory, or a .safetensors / .pth weights file
@@ -71,9 +67,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 1000
     c.data = data_config("tfds:cifar100", 32, "test")
     c.augment = recipe_augment(224)
-    if variant == "imagefolder":
+    if c.variant == "imagefolder":
         c.data = data_config("imagefolder", 256, "val")
-    elif variant == "digits_demo":
+    elif c.variant == "digits_demo":
         # scikit-learn's bundled 8×8 digits upsampled to 32²; the demo ViT of configs/pretrain.py:demo.
         c.data = data_config("digits", 32, "val")
         c.image_size = 32

@@ -13,6 +13,7 @@ import dataclasses
 
 import ml_collections
 
+from onepfrac_jax.config import new_config
 from onepfrac_jax.fractals.bank import BankSpec
 
 VARIANTS = {
@@ -23,12 +24,8 @@ VARIANTS = {
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "paper_1k"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/generate.py; known: {', '.join(VARIANTS)}")
-    config = ml_collections.ConfigDict(dataclasses.asdict(BankSpec()))
-    config.stage = "generate"
-    config.variant = variant
-    config.overwrite = False  # write into a non-empty workdir
-    config.update(VARIANTS[variant])
+    config = new_config("generate", variant, tuple(VARIANTS), "paper_1k")
+    config.update(dataclasses.asdict(BankSpec()))
+    config.overwrite = False  # replace the set an earlier generate run wrote into workdir
+    config.update(VARIANTS[config.variant])
     return config

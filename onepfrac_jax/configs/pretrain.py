@@ -13,7 +13,7 @@ dtype, data_mode ('bank' | 'fresh'), ...
 
 import ml_collections
 
-from onepfrac_jax.config import apply_overrides
+from onepfrac_jax.config import apply_overrides, new_config
 from onepfrac_jax.data.augment import default_augment_config
 from onepfrac_jax.fractals.bank import BankSpec
 from onepfrac_jax.train import classify, loop
@@ -44,12 +44,7 @@ VARIANTS = {
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
-    variant = variant or "paper_vit_tiny"
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r} of configs/pretrain.py; known: {', '.join(VARIANTS)}")
-    c = ml_collections.ConfigDict()
-    c.stage = "pretrain"
-    c.variant = variant
+    c = new_config("pretrain", variant, tuple(VARIANTS), "paper_vit_tiny")
     loop.default_train_config(c)
     classify.add_model_fields(c, "vit_tiny_patch16_224")
     c.image_size = 224  # training resolution (the crops the ViT sees)
@@ -78,6 +73,6 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.log_every_steps = 100
     c.augment = paper_augment(224)
-    apply_overrides(c, VARIANTS[variant])
+    apply_overrides(c, VARIANTS[c.variant])
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size
     return c

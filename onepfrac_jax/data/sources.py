@@ -24,13 +24,12 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from onepfrac_jax.config import ConfigError, require
+from onepfrac_jax.config import ConfigError, first_few, require
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as torchvision does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 KNOWN_DATASETS = ("imagefolder", "tfds:<name>", "digits")
 DIGITS_TRAIN_FRACTION = 0.8
-SHOWN_ERRORS = 3  # an error listing many files names this many and counts the rest
 _VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
 
 # PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
@@ -214,9 +213,8 @@ class ImageFolderSource:
         logging.info("verified %d images under %s in %.1f s (%.0f files/s, %d threads)", len(self.paths),
                      self.root, seconds, len(self.paths) / max(seconds, 1e-9), threads)
         if bad:
-            more = f"; and {len(bad) - SHOWN_ERRORS} more" if len(bad) > SHOWN_ERRORS else ""
             raise ConfigError(f"{len(bad)} of {len(self.paths)} images under {self.root} cannot be decoded: "
-                              f"{'; '.join(bad[:SHOWN_ERRORS])}{more}")
+                              f"{first_few(bad, '; ')}")
 
     def _decode_errors(self, paths: Sequence[Path]) -> list[str]:
         errors = []

@@ -25,6 +25,7 @@ import safetensors.flax
 import safetensors.numpy
 from flax import traverse_util
 
+from onepfrac_jax.config import first_few
 from onepfrac_jax.models.vit import ViT, init_head
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,6 @@ _TIMM_ARCHS = {
 }
 _FALLBACK_ARCH = "vit_base_patch16_224"  # every dimension is overridden by the kwargs anyway
 _HEAD_KEYS = ("head.weight", "head.bias")
-SHOWN_KEYS = 3  # an error about many keys names this many and counts the rest
 
 
 def _describe(model: ViT) -> str:
@@ -55,10 +55,7 @@ def _describe(model: ViT) -> str:
 
 def _first_few(kind: str, items: Sequence[str]) -> str:
     """'kind (7): a, b, c and 4 more', or '' for no items."""
-    if not items:
-        return ""
-    more = f" and {len(items) - SHOWN_KEYS} more" if len(items) > SHOWN_KEYS else ""
-    return f"{kind} ({len(items)}): {', '.join(items[:SHOWN_KEYS])}{more}"
+    return f"{kind} ({len(items)}): {first_few(items)}" if items else ""
 
 
 def _mismatch_error(source: str, model: ViT, problems: Sequence[str]) -> ValueError:

@@ -99,9 +99,6 @@ class FractalBank:
     def num_classes(self) -> int:
         return self.spec.num_classes
 
-    def render_key(self) -> jax.Array:
-        return render_key(self.spec.seed)
-
     def to_json(self) -> dict:
         """The base system, σ, Δ and every class's maps: enough to re-render any class."""
         spec = dataclasses.asdict(self.spec)

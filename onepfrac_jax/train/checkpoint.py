@@ -20,7 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from onepfrac_jax.config import ConfigError, RunError
+from onepfrac_jax.config import ConfigError, RunError, first_few
 
 DAMAGED = "damaged-checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -42,8 +42,7 @@ def describe_mismatch(saved: dict, wanted: dict) -> str | None:
     if not diffs:
         return None
     diffs.sort(key=lambda d: (not d.startswith("params/"), d))  # the model's own arrays say most
-    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
-    return "; ".join(diffs[:3]) + more
+    return first_few(diffs, "; ")
 
 
 class Checkpoints:
