@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import importlib
 import logging as logging_std
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from onepfrac_jax.config import ConfigError
+from onepfrac_jax.config import STAGES, ConfigError, RunError
 from onepfrac_jax.parallel import distributed
 from onepfrac_jax.train.loop import NonFiniteLossError
 
@@ -20,16 +20,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: outputs, checkpoints, logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# stage name -> module whose run(config, workdir) executes it
-STAGES = {
-    "generate": "onepfrac_jax.fractals.generate",
-    "pretrain": "onepfrac_jax.train.pretrain",
-    "finetune": "onepfrac_jax.train.finetune",
-    "bootstrap": "onepfrac_jax.train.bootstrap",
-    "demo": "onepfrac_jax.demo",
-}
-
-
+# exit codes: 2 bad input (nothing written), 3 non-finite loss or state, 4 a fault of a started run (disk full)
+EXIT_CODES = {ConfigError: 2, NonFiniteLossError: 3, RunError: 4}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
@@ -43,31 +35,59 @@ def resolve_config_path(value: str) -> str:
     return value
 
 
+def _config_values(argv: list[str]) -> Iterator[tuple[int, str, str]]:
+    """(index in argv, what precedes the value there, the value) of each `--config=VALUE` or `--config VALUE`."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            yield i, "--config=", arg[len("--config="):]
+        elif arg == "--config" and i + 1 < len(argv):
+            yield i + 1, "", argv[i + 1]
+
+
 def _with_config_resolved(argv: list[str]) -> list[str]:
     out = list(argv)
-    for i, arg in enumerate(out):
-        if arg.startswith("--config="):
-            out[i] = "--config=" + resolve_config_path(arg[len("--config="):])
-        elif arg == "--config" and i + 1 < len(out):
-            out[i + 1] = resolve_config_path(out[i + 1])
+    for i, prefix, value in _config_values(argv):
+        out[i] = prefix + resolve_config_path(value)
     return out
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser, with a config override naming an unknown key turned into one clear line."""
-    argv = _with_config_resolved(argv)
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError) as e:
+def _parse_error(e: Exception, argv: list[str]) -> str:
+    """What `argv` got wrong, in one line, from what absl, ml_collections or the config file raised parsing it."""
+    if isinstance(e, AttributeError | KeyError):
         key = str(e).strip("\"'")
-        given = next((a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]), key)
-        print(f"error: unknown config key {key!r} in {given}; see the config file for the known keys", file=sys.stderr)
-        sys.exit(2)
+        override = next((a for a in argv[1:] if a.startswith("--config.") and f".{key}" in a.split("=")[0]), None)
+        if override is not None:
+            return f"unknown config key {key!r} in {override}; see the config file for the known keys"
+    # absl recasts what loading the config file raised as a bad --config value, the cause chained
+    if isinstance(e, flags.Error) and not (str(e).startswith("flag --config=") and e.__context__):
+        return str(e).removeprefix("flag ")  # a bad override or other flag: absl's message names it
+    given = next(reversed([value for _, _, value in _config_values(argv)]), "")  # "": given in a --flagfile
+    if not Path(resolve_config_path(given).partition(":")[0]).is_file():
+        packaged = ", ".join(f"configs/{p.name}" for p in sorted(CONFIG_DIR.glob("[!_]*.py")))
+        return f"--config={given}: no such config file (the packaged ones: {packaged})"
+    cause = e
+    while (inner := cause.__cause__ or cause.__context__) is not None:
+        cause = inner
+    return f"--config={given}: " + " ".join(str(cause).split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser; a bad config file, variant, override or flag ends the process with one `error:` line (exit 2)."""
+    try:
+        rest = flags.FLAGS(_with_config_resolved(argv))
+        _CONFIG.value.keys()  # a config file that could not be read raises only here, where first used
+        return rest
+    except Exception as e:  # from the config file's own code too: all of it is bad input, to report, not a crash
+        distributed.fail(_parse_error(e, argv), 2)
 
 
 def _quiet_libraries(record: logging_std.LogRecord) -> bool:
-    """Orbax logs every save step at INFO through absl; keep its warnings, drop the rest."""
-    return record.levelno >= logging_std.WARNING or "/orbax/" not in record.pathname
+    """Orbax logs every save step at INFO through absl: keep its warnings and errors, without their tracebacks (the
+    run's own `error:` line says what failed), and drop the rest."""
+    if "/orbax/" not in record.pathname:
+        return True
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging_std.WARNING
 
 
 def main(argv: list[str]) -> None:
@@ -81,11 +101,9 @@ def main(argv: list[str]) -> None:
         if stage not in STAGES:
             raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
         importlib.import_module(STAGES[stage]).run(config, _WORKDIR.value)
-    except (ConfigError, NonFiniteLossError) as e:
+    except (ConfigError, NonFiniteLossError, RunError) as e:
         logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
-        # exit_now: peers blocked in a collective would otherwise hold this process at JAX's exit barrier
-        distributed.exit_now(2 if isinstance(e, ConfigError) else 3)
+        distributed.fail(e, EXIT_CODES[type(e)])  # with peers failing alike; not held by those in a collective
 
 
 def cli() -> None:

@@ -1,5 +1,158 @@
-"""Every test session sees 4 CPU devices, so sharding logic is exercised on a laptop and in CI."""
+"""Every test session sees 4 CPU devices, so sharding logic is exercised on a laptop and in CI; and the shared helpers.
+
+Helpers (import them: `from conftest import run_cli`): main.py as a subprocess (`main_argv`, `run_cli`,
+`assert_one_error`), N local processes of one multi-process run (`LocalRun`, `run_processes`), and the tiny
+settings and files the stage tests train on.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import jax
+import numpy as np
+from PIL import Image
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
+                 "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
+# Every snippet a LocalRun starts begins by joining the run its environment describes.
+PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
+# A fresh process's environment: nothing inherited may make it join some other run, or claim a GPU.
+_FOREIGN_ENV = ("ONEPFRAC_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS")
+
+
+def csv_rows(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def make_image_folder(root: Path, classes: int = 3, per_class: int = 8) -> None:
+    """An ImageFolder tree (train/ and val/, class_<c>/<i>.png) of 20x24 images whose brightness gives the class."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("val", per_class // 2)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = np.full((20, 24, 3), 60 * c, np.uint8) + rng.integers(0, 30, (20, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
+    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(extra or {}))
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ main.py ----
+
+def main_argv(config: str, workdir: Path | str, overrides: Mapping[str, object] | None = None) -> list[str]:
+    """`main.py --config CONFIG --workdir=WORKDIR --config.KEY=VALUE...`, the argv after `python`."""
+    return ["main.py", "--config", config, f"--workdir={workdir}",
+            *(f"--config.{k}={v}" for k, v in (overrides or {}).items())]
+
+
+def run_cli(config: str, workdir: Path | str, overrides: Mapping[str, object] | None = None, *extra_args: str,
+            timeout: float = 120, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """main.py run to the end in ROOT, in clean_env(env), `extra_args` after the overrides; its output captured."""
+    return subprocess.run([sys.executable, *main_argv(config, workdir, overrides), *extra_args], cwd=ROOT,
+                          env=clean_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_error(result: subprocess.CompletedProcess[str], code: int = 2, needle: str | None = None) -> str:
+    """Checks `result` exited with `code` after exactly one `error:` line and no traceback; returns that line.
+
+    absl's own log lines (`E1201 12:00:00 ...`) may repeat the message: they do not start with `error:`.
+    """
+    tail = f"exit code {result.returncode}, stderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == code, tail
+    assert "Traceback" not in result.stderr, tail
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, tail
+    assert needle is None or needle in errors[0], f"{needle!r} not in the error line; {tail}"
+    return errors[0]
+
+
+# ------------------------------------------------------------------------------------------ multi-process ----
+
+class LocalRun:
+    """`n` processes of one run on localhost, `devices_per_process` CPU devices each; outputs go to `log_dir`.
+
+    `program` is a Python snippet (run after PRELUDE) or the argv after `python`, e.g. main_argv(...). Settings
+    reach the processes through the ONEPFRAC_* environment variables; `env` adds to them or overrides them.
+    """
+
+    def __init__(self, n: int, devices_per_process: int, program: str | Sequence[str], log_dir: Path,
+                 env: Mapping[str, str] | None = None):
+        argv = ["-c", PRELUDE + textwrap.dedent(program)] if isinstance(program, str) else list(program)
+        port = free_port()
+        self.log_dir = log_dir
+        self.procs: list[subprocess.Popen] = []
+        for i in range(n):
+            settings = {"ONEPFRAC_COORDINATOR_ADDRESS": f"localhost:{port}", "ONEPFRAC_NUM_PROCESSES": str(n),
+                        "ONEPFRAC_PROCESS_ID": str(i), "ONEPFRAC_CPU_DEVICES": str(devices_per_process)}
+            with open(self.stdout_path(i), "w") as out, open(self.stderr_path(i), "w") as err:
+                self.procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=err,
+                                                   env=clean_env({**settings, **(env or {})})))
+
+    def stdout_path(self, i: int) -> Path:
+        return self.log_dir / f"process_{i}.out"
+
+    def stderr_path(self, i: int) -> Path:
+        return self.log_dir / f"process_{i}.err"
+
+    def wait_for_output(self, i: int, text: str, timeout: float) -> None:
+        """Returns once process `i` has printed `text`; AssertionError after `timeout` s or if it exits first."""
+        deadline = time.monotonic() + timeout
+        while text not in self.stdout_path(i).read_text():
+            assert self.procs[i].poll() is None, f"process {i} exited before printing {text!r}:\n{self.tail(i)}"
+            assert time.monotonic() < deadline, f"process {i} did not print {text!r} in {timeout} s:\n{self.tail(i)}"
+            time.sleep(0.2)
+
+    def tail(self, i: int, chars: int = 3000) -> str:
+        return (self.stdout_path(i).read_text() + self.stderr_path(i).read_text())[-chars:]
+
+    def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
+        """Every process's result; kills all and raises AssertionError if any is still running after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        for i, proc in enumerate(self.procs):
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for other in self.procs:
+                    other.kill()
+                    other.wait()
+                raise AssertionError(f"process {i} still running after {timeout} s:\n{self.tail(i)}") from None
+        return [subprocess.CompletedProcess(proc.args, proc.returncode, self.stdout_path(i).read_text(),
+                                            self.stderr_path(i).read_text()) for i, proc in enumerate(self.procs)]
+
+
+def run_processes(n: int, devices_per_process: int, program: str | Sequence[str], timeout: float,
+                  env: Mapping[str, str] | None = None, check: bool = True) -> list[subprocess.CompletedProcess]:
+    """Runs one `n`-process run to the end (see LocalRun); with `check`, every process must exit 0."""
+    with tempfile.TemporaryDirectory(prefix="onepfrac-mh-") as log_dir:
+        run = LocalRun(n, devices_per_process, program, Path(log_dir), env)
+        results = run.wait(timeout)
+        if check:
+            for i, result in enumerate(results):
+                assert result.returncode == 0, f"process {i} exited with {result.returncode}:\n{run.tail(i)}"
+        return results

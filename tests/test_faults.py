@@ -22,6 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, main_argv, run_cli
 
 from onepfrac_jax.config import ConfigError, RunError, apply_overrides, to_json
 from onepfrac_jax.configs import pretrain as pretrain_configs
@@ -30,10 +31,7 @@ from onepfrac_jax.rundir import LOCK_NAME, RunDir
 from onepfrac_jax.train import checkpoint, pretrain
 from onepfrac_jax.train.loop import NonFiniteLossError
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8, "total_steps": 4,
-        "log_every_steps": 1, "checkpoint_every_steps": 2, "keep_checkpoints": 5, "patch_size": 8, "embed_dim": 32,
-        "depth": 1, "num_heads": 2, "mlp_dim": 64}
+TINY = {**TINY_PRETRAIN, "keep_checkpoints": 5}
 
 
 def tiny(**overrides):
@@ -44,19 +42,8 @@ def train(workdir: Path, **overrides):
     return pretrain.run(tiny(**overrides), str(workdir), make_data_mesh(jax.devices()[:1]))
 
 
-def cli(workdir: str, *overrides: str, config: str = "configs/pretrain.py:demo") -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", "--config", config, f"--workdir={workdir}", *overrides],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def error_line(result: subprocess.CompletedProcess, code: int = 2) -> str:
-    """The one `error:` line of a failed command (absl log lines aside); no traceback."""
-    assert result.returncode == code, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
-    return lines[0]
+def cli(workdir: Path | str, *overrides: str, config: str = "configs/pretrain.py:demo"):
+    return run_cli(config, workdir, None, *overrides, timeout=300)
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -77,9 +64,9 @@ def finished(tmp_path_factory) -> Path:
 def test_an_empty_workdir_is_refused_and_deletes_nothing(tmp_path):
     (tmp_path / "precious.txt").write_text("mine")
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), "--config", "configs/pretrain.py:demo",
-                             "--workdir=", "--config.overwrite=True"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
-    assert "--workdir is empty" in error_line(result)
+                             "--workdir=", "--config.overwrite=True"], cwd=tmp_path, env=clean_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert "--workdir is empty" in assert_one_error(result)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious.txt"]
 
 
@@ -110,7 +97,7 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     (stranger / "config.json").write_text('{"name": "some other tool"}')  # a config.json, but not ours
     before = snapshot(stranger)
     result = cli(str(stranger), "--config.overwrite=True")
-    assert "is not a run of this project" in error_line(result)
+    assert "is not a run of this project" in assert_one_error(result)
     assert snapshot(stranger) == before
 
 
@@ -143,8 +130,8 @@ def test_two_commands_at_once_one_is_refused_before_writing(tmp_path):
     workdir = tmp_path / "run"
     slow = ["--config.render_size=64", "--config.image_size=32", "--config.batch_size=32", "--config.total_steps=600",
             "--config.checkpoint_every_steps=1000", "--config.log_every_steps=10"]
-    argv = [sys.executable, "main.py", "--config", "configs/pretrain.py:demo", f"--workdir={workdir}", *slow]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, *main_argv("configs/pretrain.py:demo", workdir), *slow]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while not (workdir / "metrics.csv").exists() and proc.poll() is None and time.time() < deadline:
@@ -152,7 +139,7 @@ def test_two_commands_at_once_one_is_refused_before_writing(tmp_path):
         assert proc.poll() is None, "the first run ended before the second could start"
         before = (workdir / "config.json").read_bytes()
         second = cli(str(workdir), *slow)
-        assert "is in use by another run" in error_line(second)
+        assert "is in use by another run" in assert_one_error(second)
         assert (workdir / "config.json").read_bytes() == before
     finally:
         proc.kill()
@@ -179,7 +166,7 @@ def test_a_resume_with_another_architecture_is_one_line(finished, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(finished, workdir)
     overrides = [f"--config.{k}={v}" for k, v in {**TINY, "embed_dim": 48, "resume": True}.items()]
-    line = error_line(cli(str(workdir), *overrides))
+    line = assert_one_error(cli(str(workdir), *overrides))
     assert "does not fit this config's model" in line and "blocks_0" in line
 
 
@@ -215,7 +202,7 @@ def test_no_usable_checkpoint_is_one_error_naming_the_directory(finished, tmp_pa
     for step in ("2", "4"):
         _damage(workdir / "checkpoints" / step, "missing_manifest")
     saved = (workdir / "config.json").read_text()
-    line = error_line(cli(str(workdir), *[f"--config.{k}={v}" for k, v in TINY.items()]))
+    line = assert_one_error(cli(str(workdir), *[f"--config.{k}={v}" for k, v in TINY.items()]))
     assert f"no usable checkpoint in {workdir / 'checkpoints'}: steps 4, 2 are damaged" in line
     assert (workdir / "config.json").read_text() == saved
 
@@ -239,7 +226,7 @@ def test_a_failed_checkpoint_write_is_one_error_and_leaves_no_temporary(tmp_path
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["2"]
 
 
-def test_a_full_disk_is_one_error_line(tmp_path):
+def test_a_full_disk_is_one_assert_one_error(tmp_path):
     """The real fault: the workdir on a 256 KiB tmpfs (a private mount namespace, so nothing else sees it)."""
     if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
         pytest.skip("needs unshare(1) with user and mount namespaces to mount a small tmpfs")
@@ -250,8 +237,8 @@ def test_a_full_disk_is_one_error_line(tmp_path):
               f"--config configs/pretrain.py:demo --workdir={mount}/run {overrides}; code=$?; "
               f"ls -a {mount}/run/checkpoints >&2; exit $code")
     result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    line = error_line(result, code=4)
+                            env=clean_env())
+    line = assert_one_error(result, code=4)
     assert re.fullmatch(r"error: a checkpoint write failed \(by step \d\) in .*/run/checkpoints: No space left on "
                         r"device; the checkpoints before it are intact", line), line
     assert "orbax-checkpoint-tmp" not in result.stderr.splitlines()[-1]  # `ls -a` of checkpoints/ after the run
@@ -285,7 +272,7 @@ def test_a_bad_workdir_or_config_fails_within_seconds_whatever_the_bank(tmp_path
     start = time.perf_counter()
     result = cli(str(workdir), *overrides, config="configs/pretrain.py")
     elapsed = time.perf_counter() - start
-    assert message in error_line(result)
+    assert message in assert_one_error(result)
     assert elapsed < 5, f"{elapsed:.1f} s to the error line"
 
 

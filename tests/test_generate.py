@@ -1,21 +1,18 @@
 """The generate stage: the files it writes, and its refusals (one clear error, non-zero exit, nothing written)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_one_error, run_cli
 from PIL import Image
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.configs import generate as generate_config
 from onepfrac_jax.fractals import generate, render
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"num_classes": 10, "image_size": 48, "pad": 2, "num_points": 6_000, "seed": 2}
 
 
@@ -103,11 +100,6 @@ def test_a_degenerate_base_system_leaves_nothing_behind(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def run_main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "main.py", "--config", "configs/generate.py:demo", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize(
     ("override", "message"),
     [
@@ -122,16 +114,11 @@ def run_main(*args: str) -> subprocess.CompletedProcess:
     ],
 )
 def test_bad_input_exits_non_zero_and_writes_nothing(tmp_path, override, message):
-    result = run_main(override, f"--workdir={tmp_path / 'run'}")
-    assert result.returncode == 2, result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    assert_one_error(run_cli("configs/generate.py:demo", tmp_path / "run", None, override), 2, message)
     assert not (tmp_path / "run").exists()
 
 
 def test_a_workdir_that_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
-    result = run_main(f"--workdir={blocker / 'run'}")
-    assert result.returncode == 2
-    assert "cannot be created" in result.stderr
+    assert_one_error(run_cli("configs/generate.py:demo", blocker / "run"), 2, "cannot be created")

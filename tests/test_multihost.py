@@ -1,8 +1,8 @@
 """Multi-process runs on one machine: N CPU processes joined by jax.distributed, as launch/local.sh starts them.
 
-`run_processes` / `LocalRun` are the harness: N local processes of a Python snippet or of main.py, on a free port,
-with a time limit and their outputs collected. Settings reach the processes through the ONEPFRAC_* environment
-variables; launch/local.sh, tested at the end, passes them as flags.
+`run_processes` / `LocalRun` (conftest) are the harness: N local processes of a Python snippet or of main.py, on a
+free port, with a time limit and their outputs collected. Settings reach the processes through the ONEPFRAC_*
+environment variables; launch/local.sh, tested at the end, passes them as flags.
 """
 
 from __future__ import annotations
@@ -10,107 +10,24 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, LocalRun, assert_one_error, clean_env, free_port, main_argv, run_cli, run_processes
 from jax.sharding import NamedSharding, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
 from onepfrac_jax.parallel import distributed
 from onepfrac_jax.parallel.mesh import make_data_mesh
-
-ROOT = Path(__file__).resolve().parents[1]
-# Every snippet starts by joining the run its environment describes.
-PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
-# A fresh process's environment: nothing inherited may make it join some other run, or claim a GPU.
-_FOREIGN_ENV = ("ONEPFRAC_", "SLURM_", "OMPI_", "PMI_", "PMIX_", "JAX_COORDINATOR", "JAX_LOCAL_DEVICE_IDS")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
-    env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(extra or {}))
-    return env
-
-
-class LocalRun:
-    """`n` processes of one run on localhost, `devices_per_process` CPU devices each; outputs go to `log_dir`.
-
-    `program` is a Python snippet (run after PRELUDE) or the argv after `python`, e.g. ["main.py", "--config", ...].
-    """
-
-    def __init__(self, n: int, devices_per_process: int, program: str | Sequence[str], log_dir: Path,
-                 env: Mapping[str, str] | None = None):
-        argv = ["-c", PRELUDE + textwrap.dedent(program)] if isinstance(program, str) else list(program)
-        port = free_port()
-        self.log_dir = log_dir
-        self.procs: list[subprocess.Popen] = []
-        for i in range(n):
-            settings = {"ONEPFRAC_COORDINATOR_ADDRESS": f"localhost:{port}", "ONEPFRAC_NUM_PROCESSES": str(n),
-                        "ONEPFRAC_PROCESS_ID": str(i), "ONEPFRAC_CPU_DEVICES": str(devices_per_process)}
-            with open(self.stdout_path(i), "w") as out, open(self.stderr_path(i), "w") as err:
-                self.procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=out, stderr=err,
-                                                   env=clean_env({**settings, **(env or {})})))
-
-    def stdout_path(self, i: int) -> Path:
-        return self.log_dir / f"process_{i}.out"
-
-    def stderr_path(self, i: int) -> Path:
-        return self.log_dir / f"process_{i}.err"
-
-    def wait_for_output(self, i: int, text: str, timeout: float) -> None:
-        """Returns once process `i` has printed `text`; AssertionError after `timeout` s or if it exits first."""
-        deadline = time.monotonic() + timeout
-        while text not in self.stdout_path(i).read_text():
-            assert self.procs[i].poll() is None, f"process {i} exited before printing {text!r}:\n{self.tail(i)}"
-            assert time.monotonic() < deadline, f"process {i} did not print {text!r} in {timeout} s:\n{self.tail(i)}"
-            time.sleep(0.2)
-
-    def tail(self, i: int, chars: int = 3000) -> str:
-        return (self.stdout_path(i).read_text() + self.stderr_path(i).read_text())[-chars:]
-
-    def wait(self, timeout: float) -> list[subprocess.CompletedProcess]:
-        """Every process's result; kills all and raises AssertionError if any is still running after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        for i, proc in enumerate(self.procs):
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                for other in self.procs:
-                    other.kill()
-                    other.wait()
-                raise AssertionError(f"process {i} still running after {timeout} s:\n{self.tail(i)}") from None
-        return [subprocess.CompletedProcess(proc.args, proc.returncode, self.stdout_path(i).read_text(),
-                                            self.stderr_path(i).read_text()) for i, proc in enumerate(self.procs)]
-
-
-def run_processes(n: int, devices_per_process: int, program: str | Sequence[str], timeout: float,
-                  env: Mapping[str, str] | None = None, check: bool = True) -> list[subprocess.CompletedProcess]:
-    """Runs one `n`-process run to the end (see LocalRun); with `check`, every process must exit 0."""
-    with tempfile.TemporaryDirectory(prefix="onepfrac-mh-") as log_dir:
-        run = LocalRun(n, devices_per_process, program, Path(log_dir), env)
-        results = run.wait(timeout)
-        if check:
-            for i, result in enumerate(results):
-                assert result.returncode == 0, f"process {i} exited with {result.returncode}:\n{run.tail(i)}"
-        return results
 
 
 def last_json(result: subprocess.CompletedProcess) -> dict:
@@ -178,6 +95,7 @@ def test_inconsistent_settings_are_one_clear_error(env, message):
 
 # ------------------------------------------------------------------------------- 2 processes x 2 devices ----
 
+@pytest.mark.multiprocess
 def test_two_processes_of_two_devices_make_one_four_device_mesh():
     program = """
         import json
@@ -210,6 +128,7 @@ BANK = {"seed": 2, "num_classes": 8, "image_size": 32, "pad": 2, "num_points": 2
         "fill_threshold": 0.21}
 
 
+@pytest.mark.multiprocess
 def test_class_bank_is_bitwise_the_same_on_two_processes(tmp_path):
     program = f"""
         import hashlib, json
@@ -233,45 +152,32 @@ def test_class_bank_is_bitwise_the_same_on_two_processes(tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input ----
 
-def run_main(*flags: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """main.py as one process with `flags` (after a valid config), and its wall time."""
-    argv = [sys.executable, "main.py", "--config", "configs/generate.py:demo", "--workdir", "/nonexistent/never",
-            *flags]
-    start = time.monotonic()
-    result = subprocess.run(argv, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-    return result, time.monotonic() - start
-
-
 @pytest.mark.parametrize(("flags", "message"), [
     (("--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"),
-     r"--process_id=2 must lie in \[0, 2\) for --num_processes=2"),
+     "--process_id=2 must lie in [0, 2) for --num_processes=2"),
     (("--num_processes=2",), "give both --num_processes and --process_id, or neither"),
 ])
 def test_inconsistent_process_flags_exit_2_with_one_line(flags, message):
-    result, _ = run_main(*flags)
-    assert result.returncode == 2, result.stderr[-2000:]
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.search(message, errors[0]), result.stderr[-2000:]
+    assert_one_error(run_cli("configs/generate.py:demo", "/nonexistent/never", None, *flags), 2, message)
 
 
 def test_unreachable_coordinator_fails_within_the_timeout_naming_it():
     address = f"localhost:{free_port()}"  # nothing listens there
-    result, seconds = run_main(f"--coordinator_address={address}", "--num_processes=2", "--process_id=1",
-                               "--distributed_timeout=4")
-    assert result.returncode == 2, result.stderr[-2000:]
-    error = next(line for line in result.stderr.splitlines() if line.startswith("error:"))
-    assert f"coordinator {address} unreachable for 4 s" in error
+    start = time.monotonic()
+    result = run_cli("configs/generate.py:demo", "/nonexistent/never", None, f"--coordinator_address={address}",
+                     "--num_processes=2", "--process_id=1", "--distributed_timeout=4")
+    seconds = time.monotonic() - start
+    assert_one_error(result, 2, f"coordinator {address} unreachable for 4 s")
     # It waited the 4 s (process 0 may start late) and not JAX's 300; the rest is Python and JAX start-up.
     assert 4 <= seconds < 4 + 30
 
 
+@pytest.mark.multiprocess
 def test_batch_not_divisible_by_the_devices_of_all_processes_exits_2(tmp_path):
-    argv = ["main.py", "--config", "configs/pretrain.py:demo", "--workdir", str(tmp_path / "run"),
-            "--config.batch_size=6"]  # divisible by each process's 2 devices, not by all 4
-    results = run_processes(2, 2, argv, timeout=120, check=False)
-    for result in results:
-        assert result.returncode == 2, result.stderr[-2000:]
-        assert "error: batch_size=6 is not divisible by the 4 devices of all processes" in result.stderr
+    # batch 6: divisible by each process's 2 devices, not by all 4
+    argv = main_argv("configs/pretrain.py:demo", tmp_path / "run", {"batch_size": 6})
+    for result in run_processes(2, 2, argv, timeout=120, check=False):
+        assert_one_error(result, 2, "batch_size=6 is not divisible by the 4 devices of all processes")
 
 
 # --------------------------------------------------------------------------------------- dying peers ----
@@ -293,10 +199,16 @@ LOOP = """
 """
 
 
+# Seconds without a heartbeat before JAX's coordination service declares a process dead (30 by default).
+HEARTBEAT = 10
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("victim", "mode"), [(1, "busy"), (0, "busy"), (1, "idle"), (1, "raise")])
-def test_when_one_process_dies_the_other_exits_nonzero_within_60_s(tmp_path, victim, mode):
+def test_when_one_process_dies_the_other_exits_nonzero_within_the_heartbeat_timeout(tmp_path, victim, mode):
     """busy: the peer's collective fails at once. idle: only the heartbeat tells. raise: an uncaught exception."""
-    run = LocalRun(2, 1, f"MODE = {mode!r}\n" + textwrap.dedent(LOOP), tmp_path)
+    run = LocalRun(2, 1, f"MODE = {mode!r}\n" + textwrap.dedent(LOOP), tmp_path,
+                   env={"ONEPFRAC_HEARTBEAT_TIMEOUT": str(HEARTBEAT)})
     survivor = 1 - victim
     for i in range(2):
         run.wait_for_output(i, "ready", timeout=120)
@@ -307,8 +219,7 @@ def test_when_one_process_dies_the_other_exits_nonzero_within_60_s(tmp_path, vic
     seconds = time.monotonic() - start
     assert results[victim].returncode != 0
     assert results[survivor].returncode != 0, run.tail(survivor)
-    # JAX's coordination service declares a silent process dead after --heartbeat_timeout (30 s by default).
-    assert seconds < 60, f"{seconds:.0f} s"
+    assert seconds < HEARTBEAT + 15, f"{seconds:.0f} s"
     if mode == "raise":
         # It exits at once (exit_now), not after JAX's 300 s shutdown barrier.
         assert "RuntimeError: process 1 fails" in results[1].stderr
@@ -351,6 +262,7 @@ def launch(tmp_path: Path, script: str, *args: str, env: Mapping[str, str] | Non
     return result, time.monotonic() - start
 
 
+@pytest.mark.multiprocess
 def test_local_sh_runs_processes_with_process_0_on_the_console(tmp_path):
     result, _ = launch(tmp_path, "local.sh", "2", "3", "hello")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -361,6 +273,7 @@ def test_local_sh_runs_processes_with_process_0_on_the_console(tmp_path):
     assert "process 1 of 2: 3 local devices (cpu), 6 devices in all" in log  # what initialize() logs
 
 
+@pytest.mark.multiprocess
 def test_local_sh_stops_the_others_and_fails_when_one_process_fails(tmp_path):
     result, seconds = launch(tmp_path, "local.sh", "2", "1", "fail")
     assert result.returncode == 3, result.stderr[-3000:]
@@ -411,6 +324,7 @@ def fake_launcher_env(tmp_path: Path, name: str, script: str) -> dict[str, str]:
             "PYTHON": str(bin_dir / "python"), "ONEPFRAC_CPU_DEVICES": "2"}
 
 
+@pytest.mark.multiprocess
 def test_slurm_sbatch_one_process_per_node_is_detected_by_jax(tmp_path):
     env = {**fake_launcher_env(tmp_path, "srun", FAKE_SRUN), "SLURM_SUBMIT_DIR": str(ROOT), "SLURM_JOB_ID": "4242",
            "SLURM_NTASKS": "2", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "1",
@@ -424,6 +338,7 @@ def test_slurm_sbatch_one_process_per_node_is_detected_by_jax(tmp_path):
     assert "process 1 of 2 (slurm): joining the coordinator named by the slurm environment" in log
 
 
+@pytest.mark.multiprocess
 def test_mpirun_sh_passes_the_coordinator_for_open_mpi_5(tmp_path):
     port = free_port()
     env = {**fake_launcher_env(tmp_path, "mpirun", FAKE_MPIRUN), "COORDINATOR": "localhost", "PORT": str(port)}

@@ -1,8 +1,6 @@
 """Pre-train and fine-tune stages end to end on tiny settings: sharding, run directory, exact resume, bad input."""
 
-import csv
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,7 +12,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image
+from conftest import (
+    ROOT,
+    TINY_MODEL,
+    TINY_PRETRAIN,
+    assert_one_error,
+    clean_env,
+    csv_rows,
+    main_argv,
+    make_image_folder,
+    run_cli,
+)
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
@@ -25,21 +33,11 @@ from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, finetune, pretrain
 from onepfrac_jax.train.checkpoint import load_variables
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
-TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
-                 "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
-
 
 def pretrain_config(**overrides):
     c = pretrain_configs.get_config("demo")
     c.update({**TINY_PRETRAIN, **overrides})
     return c
-
-
-def csv_rows(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +97,8 @@ def test_fresh_mode_in_bfloat16(tmp_path):
     assert all(x.dtype == np.float32 for x in jax.tree.leaves(params))
 
 
-def cli(config: str, workdir: Path, overrides: dict) -> list[str]:
-    args = [sys.executable, "main.py", "--config", config, f"--workdir={workdir}"]
-    return args + [f"--config.{k}={v}" for k, v in overrides.items()]
+def cli(workdir: Path, overrides: dict) -> list[str]:
+    return [sys.executable, *main_argv("configs/pretrain.py:demo", workdir, overrides)]
 
 
 SLOW = {**TINY_PRETRAIN, "render_size": 64, "image_size": 32, "batch_size": 32, "total_steps": 120,
@@ -109,11 +106,10 @@ SLOW = {**TINY_PRETRAIN, "render_size": 64, "image_size": 32, "batch_size": 32, 
 
 
 def test_exact_resume_after_sigkill(tmp_path):
-    reference = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "a", SLOW), cwd=ROOT, capture_output=True,
-                               text=True, timeout=600)
+    reference = run_cli("configs/pretrain.py:demo", tmp_path / "a", SLOW, timeout=600)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    proc = subprocess.Popen(cli("configs/pretrain.py:demo", tmp_path / "b", SLOW), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cli(tmp_path / "b", SLOW), cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     first = tmp_path / "b" / "checkpoints" / "30"
     deadline = time.time() + 300
     while not first.exists() and proc.poll() is None and time.time() < deadline:
@@ -121,8 +117,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "b" / "checkpoints" / "120").exists(), "the run finished before it could be killed"
-    resumed = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "b", SLOW), cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    resumed = run_cli("configs/pretrain.py:demo", tmp_path / "b", SLOW, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
     a, b = load_variables(tmp_path / "a"), load_variables(tmp_path / "b")
@@ -133,8 +128,8 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen(cli("configs/pretrain.py:demo", tmp_path / "run", {**SLOW, "total_steps": 100000}),
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cli(tmp_path / "run", {**SLOW, "total_steps": 100000}), cwd=ROOT, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = tmp_path / "run" / "checkpoints" / "30"
     deadline = time.time() + 300
     while not first.exists() and time.time() < deadline:
@@ -146,17 +141,6 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     assert said, stderr[-2000:]
     steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == int(said.group(1)) and 30 <= steps[-1] < 100000
-
-
-def make_image_folder(root: Path, classes: int = 3, per_class: int = 8) -> None:
-    rng = np.random.default_rng(0)
-    for split, count in (("train", per_class), ("val", per_class // 2)):
-        for c in range(classes):
-            folder = root / split / f"class_{c}"
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = np.full((20, 24, 3), 60 * c, np.uint8) + rng.integers(0, 30, (20, 24, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
 
 
 def finetune_config(data_dir: Path, **overrides):
@@ -218,9 +202,7 @@ def test_a_corrupt_image_is_named_before_the_first_step(tmp_path):
 
 
 def test_main_reports_a_non_finite_loss_with_exit_code_3(tmp_path):
-    result = subprocess.run(cli("configs/pretrain.py:demo", tmp_path / "run",
-                                {**TINY_PRETRAIN, "optim.lr": 1e30, "total_steps": 6, "checkpoint_every_steps": 3}),
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert result.returncode == 3, result.stderr[-2000:]
-    assert "error: loss is nan" in result.stderr and "no checkpoint yet" in result.stderr
+    result = run_cli("configs/pretrain.py:demo", tmp_path / "run",
+                     {**TINY_PRETRAIN, "optim.lr": 1e30, "total_steps": 6, "checkpoint_every_steps": 3}, timeout=300)
+    line = assert_one_error(result, 3, "error: loss is nan")
+    assert "no checkpoint yet" in line

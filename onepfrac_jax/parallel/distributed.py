@@ -11,18 +11,21 @@ wins over the environment. What is set decides the mode:
   numbered by its local rank unless `--local_device_ids` lists more (one process per node);
 - nothing: a plain single process.
 
+A process whose peers have not all joined within --distributed_timeout seconds ends with one `error:` line (exit 2).
 When a process dies, the others stop within --heartbeat_timeout seconds; an uncaught exception ends its process at
 once (`exit_now`), so that its peers see it gone instead of waiting for it at JAX's shutdown barrier.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import TracebackType
 from typing import NoReturn
 
@@ -32,6 +35,7 @@ from absl import flags, logging
 from onepfrac_jax.config import ConfigError
 
 _ENV_PREFIX = "ONEPFRAC_"
+_EXIT_GRACE = 5.0  # seconds a failing process waits for its peers at the shutdown barrier (see fail)
 
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "HOST:PORT of process 0, where JAX's coordination service listens. "
@@ -189,10 +193,46 @@ def exit_now(code: int) -> NoReturn:
     """
     if code == 0 or not jax.distributed.is_initialized():
         sys.exit(code)
+    _exit_at_once(code)
+
+
+def _exit_at_once(code: int) -> NoReturn:
     logging.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def fail(message: object, code: int, *, at_once: bool = False) -> NoReturn:
+    """Ends the process with `code` after `error: message` on stderr (`at_once`: right away, from any thread).
+
+    In a multi-process run, the processes that fail alike (bad input) within _EXIT_GRACE s of each other leave
+    together, through JAX's shutdown barrier: process 0, whose coordination service they all use, leaving first
+    would abort the others (SIGABRT) on their way out. A peer that does not come (blocked in a collective) holds
+    this process _EXIT_GRACE s there, not JAX's 300; as in exit_now, Python's own clean-up is skipped.
+    """
+    print(f"error: {message}", file=sys.stderr)
+    if at_once:
+        _exit_at_once(code)
+    if not jax.distributed.is_initialized():
+        sys.exit(code)
+    threading.Timer(_EXIT_GRACE, _exit_at_once, (code,)).start()
+    try:
+        jax.distributed.shutdown()
+    finally:
+        _exit_at_once(code)
+
+
+@contextlib.contextmanager
+def _fail_unless_done_within(seconds: float, message: str) -> Iterator[None]:
+    """Ends the process with `error: message` (exit 2) if the block is still running after `seconds`."""
+    timer = threading.Timer(seconds, fail, (message, 2), {"at_once": True})
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _exit_now_on_uncaught_exception() -> None:
@@ -219,16 +259,22 @@ def initialize(environ: Mapping[str, str] | None = None) -> None:
             # JAX aborts the process with a bare DEADLINE_EXCEEDED when the coordinator never answers: probing
             # first turns that into an error that names the address.
             _wait_for_coordinator(settings.coordinator_address, settings.timeout)
+        # JAX itself aborts the process (SIGABRT and a C++ trace) when not all processes register in time, and does
+        # not say how many did. This timer ends it first with one line; JAX's own deadline, twice as far, is a backstop.
+        missing = (f"process {settings.process_id} of {settings.num_processes}: not all {settings.num_processes} "
+                   f"processes joined {where} within {settings.timeout} s: are they all started, with the same "
+                   f"--num_processes and coordinator? (--distributed_timeout sets the wait)")
         try:
-            jax.distributed.initialize(
-                coordinator_address=settings.coordinator_address,
-                num_processes=settings.num_processes,
-                process_id=settings.process_id,
-                local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
-                cluster_detection_method="deactivate" if settings.coordinator_address else settings.mode,
-                initialization_timeout=settings.timeout,
-                heartbeat_timeout_seconds=settings.heartbeat_timeout,
-            )
+            with _fail_unless_done_within(settings.timeout, missing):
+                jax.distributed.initialize(
+                    coordinator_address=settings.coordinator_address,
+                    num_processes=settings.num_processes,
+                    process_id=settings.process_id,
+                    local_device_ids=list(settings.local_device_ids) if settings.local_device_ids else None,
+                    cluster_detection_method="deactivate" if settings.coordinator_address else settings.mode,
+                    initialization_timeout=2 * settings.timeout,
+                    heartbeat_timeout_seconds=settings.heartbeat_timeout,
+                )
         except jax.errors.JaxRuntimeError as e:
             if settings.process_id != 0:
                 raise

@@ -189,8 +189,8 @@ def load_variables(workdir: Path) -> dict:
     Restoring onto NumPy targets built from the checkpoint's metadata does not depend on the devices of the run
     that saved it (restoring onto its recorded shardings fails elsewhere with "Topology mismatch").
     """
-    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(),
-                                    item_handlers={"state": ocp.StandardCheckpointHandler()})
+    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
     try:
         step = manager.latest_step()
         if step is None:
