@@ -236,9 +236,11 @@ class Result:
     @property
     def summary(self) -> dict[str, float]:
         """The seeds' two numbers for every evaluated metric: `<name>_max` and `<name>_final`."""
-        names = [k for row in self.history[:1] for k in row if k != "step"]
-        return {f"{name}_{kind}": fn(row[name] for row in self.history)
-                for name in names for kind, fn in (("max", max), ("final", lambda v: list(v)[-1]))}
+        summary = {}
+        for name in [k for k in (self.history[0] if self.history else {}) if k != "step"]:
+            values = [row[name] for row in self.history]
+            summary[f"{name}_max"], summary[f"{name}_final"] = max(values), values[-1]
+        return summary
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "step": self.step, "total_steps": self.total_steps, "stopped": self.stopped,
