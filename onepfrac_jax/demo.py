@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from onepfrac_jax.configs import finetune as finetune_configs
@@ -34,4 +36,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
               f"Pre-training curves: {root / 'pretrain' / 'curves.png'}\n"
               f"Fine-tuned timm weights: {root / 'finetune' / 'export'} "
               f"(timm.create_model(**timm.json) + load_state_dict(safetensors))")
+        result = dataclasses.replace(result, stage="demo")  # the demo's result is its fine-tune's
+        result.write(root, quiet=True)
         return result

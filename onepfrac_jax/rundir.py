@@ -246,11 +246,13 @@ class Result:
         return {"stage": self.stage, "step": self.step, "total_steps": self.total_steps, "stopped": self.stopped,
                 **self.summary, "history": self.history, "files": self.files}
 
-    def write(self, path: Path) -> None:
-        """DIR/result.json and the console summary (process 0)."""
+    def write(self, path: Path, quiet: bool = False) -> None:
+        """DIR/result.json and (unless `quiet`) the console summary, on process 0."""
         if jax.process_index() != 0:
             return
         (path / "result.json").write_text(json.dumps(self.to_json(), indent=1))
+        if quiet:
+            return
         for name, value in self.summary.items():
             if name.endswith("_max"):
                 base = name[: -len("_max")]
