@@ -288,16 +288,12 @@ class Run:
         logging.info("%s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
 
         # ---- checkpoints: resume where a previous process left off; only then is config.json (re)written ------
-        start, history = 0, []
-        if self.rundir.resuming:
-            checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
-            start, state, history = self._restore(checkpoints, state)
-            require(start <= total, f"the run in {path} is at step {start}, past total_steps={total}")
-            self.rundir.begin()
-        else:
-            self.rundir.begin()  # an overwrite clears the old run here, before anything new is written
-            checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
-        history = [row for row in history if row["step"] <= start]
+        if not self.rundir.resuming:
+            self.rundir.begin()  # an overwrite clears the old run here, before Orbax creates checkpoints/
+        checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
+        start, state, history = self._restore(checkpoints, state) if self.rundir.resuming else (0, state, [])
+        require(start <= total, f"the run in {path} is at step {start}, past total_steps={total}")
+        self.rundir.begin()  # a resume commits only once its checkpoint is restored (begin() runs once)
 
         # ---- the update step -------------------------------------------------------------------------------------
         step_fn = jax.jit(
