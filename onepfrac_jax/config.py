@@ -14,6 +14,7 @@ STAGES = {
     "finetune": "onepfrac_jax.train.finetune",
     "bootstrap": "onepfrac_jax.train.bootstrap",
     "demo": "onepfrac_jax.demo",
+    "export": "onepfrac_jax.export.stage",
 }
 
 

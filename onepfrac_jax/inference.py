@@ -1,4 +1,4 @@
-"""Use a trained run: `load(workdir)` returns a function from uint8 images to logits."""
+"""Use a trained run: `load(workdir, step=None)` returns a function from uint8 images to logits."""
 
 from __future__ import annotations
 
@@ -10,29 +10,41 @@ import jax
 import ml_collections
 import numpy as np
 
-from onepfrac_jax.config import ConfigError
+from onepfrac_jax.config import STAGES, ConfigError, require
 from onepfrac_jax.data.augment import augment_config, eval_transform
+from onepfrac_jax.rundir import CONFIG_NAME
 from onepfrac_jax.train import classify
 from onepfrac_jax.train.checkpoint import load_variables
 
 CLASSIFY_STAGES = ("pretrain", "finetune")
 
 
-def load(workdir: str | Path) -> Callable[[np.ndarray], np.ndarray]:
-    """Latest checkpoint of a pre-train or fine-tune run → f(images uint8 (N, H, W, 3)) -> logits (N, classes).
+def run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The saved config of the run in `workdir`; ConfigError when workdir holds no run of this project."""
+    path = workdir / CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{workdir} is not a run directory (no readable {CONFIG_NAME}: {e.strerror})") from e
+    except ValueError as e:
+        raise ConfigError(f"{workdir} is not a run directory ({path} is not JSON: {e})") from e
+    require(isinstance(saved, dict) and saved.get("stage") in STAGES,
+            f"{workdir} is not a run directory of this project ({path} names none of its stages)")
+    return ml_collections.ConfigDict(saved)
+
+
+def load(workdir: str | Path, step: int | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """A pre-train or fine-tune run's checkpoint at `step` (None: the latest; any kept step, also while the run
+    trains) → f(images uint8 (N, H, W, 3)) -> logits (N, classes).
 
     Images go through the run's eval transform (resize / centre crop to the run's image size, normalisation).
     """
     workdir = Path(workdir)
-    config_path = workdir / "config.json"
-    if not config_path.exists():
-        raise ConfigError(f"{workdir} is not a run directory (no config.json)")
-    config = ml_collections.ConfigDict(json.loads(config_path.read_text()))
+    config = run_config(workdir)
     if config.stage not in CLASSIFY_STAGES:
         raise ConfigError(f"{workdir} is a {config.stage!r} run; load() serves {', '.join(CLASSIFY_STAGES)} runs")
-    variables = load_variables(workdir)
-    num_classes = int(np.shape(variables["params"]["head"]["bias"])[0])
-    model = classify.build_vit(config, num_classes)
+    variables = load_variables(workdir, step)
+    model = classify.build_vit(config, classify.head_classes(variables["params"]))
     augment = augment_config(config.augment)
 
     @jax.jit

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging as logging_std
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 # exit codes: 2 bad input (nothing written), 3 non-finite loss or state, 4 a fault of a started run (disk full)
 EXIT_CODES = {ConfigError: 2, NonFiniteLossError: 3, RunError: 4}
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+# Stages whose work XLA:CPU runs one core per device (rendering is scatters and elementwise loops): on a CPU they
+# get one device per core unless --cpu_devices says otherwise. Training keeps one device, whose matmuls and
+# convolutions use every core already.
+CPU_DEVICE_PER_CORE = ("generate",)
 
 
 def resolve_config_path(value: str) -> str:
@@ -97,7 +102,8 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     stage = config.get("stage")
     try:
-        distributed.initialize()  # before any JAX computation; single-process when nothing is set
+        # before any JAX computation; single-process when nothing is set
+        distributed.initialize(default_cpu_devices=os.cpu_count() if stage in CPU_DEVICE_PER_CORE else None)
         if stage not in STAGES:
             raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
         importlib.import_module(STAGES[stage]).run(config, _WORKDIR.value)

@@ -107,7 +107,7 @@ def _norm(tree) -> float:
 
 
 def test_variants_pair_the_papers_models_with_the_modes_weights():
-    for variant in bootstrap_config.VARIANTS:
+    for variant in [v for v in bootstrap_config.VARIANTS if not v.endswith("_alone")]:  # baselines: test_experiments
         c = bootstrap_config.get_config(variant)
         assert c.stage == "bootstrap" and c.mode == variant.rsplit("_", 1)[1]
         assert bootstrap.loss_weights(c) == bootstrap.PAPER_WEIGHTS[c.mode]

@@ -7,7 +7,8 @@ import time
 import pytest
 from conftest import assert_one_error, free_port, run_cli
 
-PACKAGED = "configs/bootstrap.py, configs/demo.py, configs/finetune.py, configs/generate.py, configs/pretrain.py"
+PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/export.py, configs/finetune.py, configs/generate.py, "
+            "configs/pretrain.py")
 
 
 @pytest.mark.parametrize(("config", "args", "message"), [

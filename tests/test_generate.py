@@ -13,7 +13,8 @@ from onepfrac_jax.config import ConfigError
 from onepfrac_jax.configs import generate as generate_config
 from onepfrac_jax.fractals import generate, render
 
-TINY = {"num_classes": 10, "image_size": 48, "pad": 2, "num_points": 6_000, "seed": 2}
+# fill_threshold 0.1: a few classes are re-drawn, so re-rendering from params.json covers the re-draw keys too
+TINY = {"num_classes": 10, "image_size": 48, "pad": 2, "num_points": 6_000, "seed": 2, "fill_threshold": 0.1}
 
 
 def tiny_config(**overrides):
@@ -55,11 +56,24 @@ def test_params_json_re_renders_every_class(generated):
     params = json.loads((workdir / "params.json").read_text())
     spec = params["spec"]
     assert spec["delta"] == 0.1 and spec["num_classes"] == 10 and len(params["classes"]) == 10
+    assert any(c["redraws"] > 0 for c in params["classes"])
     maps = jnp.asarray([c["maps"] for c in params["classes"]], jnp.float32)
-    key = jax.random.fold_in(jax.random.key(spec["seed"]), 2)  # the stream named by params["render_key"]
-    assert params["render_key"] == f"fold_in(jax.random.key({spec['seed']}), 2)"
-    images, _ = render.render(maps, jnp.asarray(params["map_probabilities"]), key, image_size=spec["image_size"],
-                              pad=spec["pad"], num_points=spec["num_points"], draw_mode=spec["draw_mode"])
+    seed = spec["seed"]
+    # the keys, derived as params["keys"] says
+    assert params["keys"] == {
+        "map_choices": f"fold_in(jax.random.key({seed}), 2)",
+        "class": f"fold_in(fold_in(fold_in(jax.random.key({seed}), 1), label), redraws)",
+        "perturbation, patch_masks": "jax.random.split(class key)",
+    }
+    root = jax.random.key(seed)
+    choices = render.choice_sequence(jax.random.fold_in(root, 2), jnp.asarray(params["map_probabilities"]),
+                                     spec["num_points"] - 1)
+    mask_keys = jnp.stack([
+        jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(root, 1), c["label"]),
+                                            c["redraws"]))[1]
+        for c in params["classes"]])
+    images, _ = render.render_classes(maps, choices, mask_keys, image_size=spec["image_size"], pad=spec["pad"],
+                                      num_points=spec["num_points"], draw_mode=spec["draw_mode"])
     for i in range(10):
         with Image.open(workdir / "images" / f"{i:05d}" / "00000.png") as img:
             np.testing.assert_array_equal(np.asarray(img), np.asarray(images[i]))

@@ -1,4 +1,5 @@
-"""The Flax ViT: timm's parameter layout, presets, forward semantics, stochastic layers, mixed precision."""
+"""The Flax ViT: timm's parameter layout, presets, forward semantics, attention, stochastic layers, mixed precision,
+rematerialisation."""
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +10,7 @@ from flax.errors import InvalidRngError
 from jax.sharding import NamedSharding, PartitionSpec
 
 from onepfrac_jax.models import VIT_PRESETS, ViT, create_vit
-from onepfrac_jax.models.vit import Attention, DropPath, drop_path_rates
+from onepfrac_jax.models.vit import Attention, DropPath, drop_path_rates, softmax_attention
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_dim=96, num_classes=5)
 
@@ -93,6 +94,10 @@ def test_invalid_configurations_raise_clear_errors():
         create_vit(embed_dim=100, num_heads=3)
     with pytest.raises(ValueError, match="drop_path_rate"):
         create_vit(drop_path_rate=1.0)
+    with pytest.raises(ValueError, match=r"ViT\.remat must be a bool"):
+        create_vit(remat="yes")
+    with pytest.raises(ValueError, match=r"ViT\.attention_impl"):
+        create_vit(attention_impl="flash")
 
 
 def test_forward_outputs(small):
@@ -182,16 +187,122 @@ def test_batch_sharded_training_forward_matches_single_device(stochastic):
     np.testing.assert_allclose(sharded, apply({"params": params}, x, train=True, rngs=rngs), atol=1e-5)
 
 
-def test_mixed_precision_keeps_float32_params_and_logits(small):
+@pytest.mark.parametrize("dtype, short", [(jnp.bfloat16, "bf16"), (jnp.float16, "f16")])
+def test_mixed_precision_keeps_float32_params_and_logits(small, dtype, short):
+    """float16 too: off GPUs its attention takes the explicit path (CPU has no F16_F16_F32 dot algorithm)."""
     model, params, x = small
-    bf16 = create_vit(**SMALL, dtype=jnp.bfloat16)
-    init = jax.eval_shape(bf16.init, jax.random.key(0), x)["params"]
+    low = create_vit(**SMALL, dtype=dtype)
+    init = jax.eval_shape(low.init, jax.random.key(0), x)["params"]
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(init))
-    logits = jax.jit(bf16.apply)({"params": params}, x)
+    logits = jax.jit(low.apply)({"params": params}, x)
     assert logits.dtype == jnp.float32
     reference = jax.jit(model.apply)({"params": params}, x)
     np.testing.assert_allclose(logits, reference, atol=0.05 * float(jnp.abs(reference).max()))
-    jaxpr = str(jax.make_jaxpr(lambda p: bf16.apply({"params": p}, x))(params))
-    assert "bf16[4,17,144]" in jaxpr  # the qkv projection runs in bfloat16
-    grads = jax.eval_shape(jax.grad(lambda p: bf16.apply({"params": p}, x).sum()), params)
+    jaxpr = str(jax.make_jaxpr(lambda p: low.apply({"params": p}, x))(params))
+    assert f"{short}[4,17,144]" in jaxpr  # the qkv projection runs in `dtype`
+    grads = jax.eval_shape(jax.grad(lambda p: low.apply({"params": p}, x).sum()), params)
     assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+def _numpy_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """softmax(q kᵀ / √d) v of (B, N, H, d) arrays, in float64."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    s = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    w = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bhqk,bkhd->bqhd", w / w.sum(-1, keepdims=True), v)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of jax.nn.dot_product_attention (delegating to it), which tracing inlines."""
+    calls = []
+    fused = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    return calls
+
+
+def test_attention_is_dot_product_attention_and_matches_plain_softmax_in_float32(fused_calls):
+    """The module's attention (jax.nn.dot_product_attention, JAX's default implementation), the explicit path it
+    keeps for attention dropout, and softmax(QKᵀ/√d)V in float64 agree in float32; so does the whole module."""
+    b, n, h, dh = 2, 17, 3, 16
+    q, k, v = (jax.random.normal(key, (b, n, h, dh)) for key in jax.random.split(jax.random.key(0), 3))
+    expected = _numpy_attention(q, k, v)
+    np.testing.assert_allclose(jax.jit(jax.nn.dot_product_attention)(q, k, v), expected, atol=2e-6)
+    np.testing.assert_allclose(jax.jit(softmax_attention)(q, k, v), expected, atol=2e-6)
+
+    attn = Attention(h * dh, h)
+    x = jax.random.normal(jax.random.key(1), (b, n, h * dh))
+    p = attn.init(jax.random.key(2), x, train=False)["params"]
+    fused_calls.clear()
+    module = jax.jit(lambda x: attn.apply({"params": p}, x, train=True))(x)  # no attention dropout: fused
+    assert fused_calls == [None]
+    qkv = np.asarray(x @ p["qkv"]["kernel"] + p["qkv"]["bias"]).reshape(b, n, 3, h, dh)
+    heads = _numpy_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, h * dh)
+    np.testing.assert_allclose(module, heads @ p["proj"]["kernel"] + p["proj"]["bias"], atol=1e-5)
+
+
+def test_attention_dropout_takes_the_explicit_path_and_is_unbiased(fused_calls):
+    """dot_product_attention has no dropout, so attn_drop_rate > 0 in training takes the explicit softmax path:
+    its output varies with the dropout key, and its mean over keys is the deterministic (fused) output: inverted
+    dropout of the probabilities, then the linear proj."""
+    d, h = 12, 3
+    attn = Attention(d, h, attn_drop_rate=0.5)
+    x = jax.random.normal(jax.random.key(0), (1, 6, d))
+    p = attn.init(jax.random.key(1), x, train=False)["params"]
+    fused_calls.clear()
+    train = jax.jit(jax.vmap(lambda key: attn.apply({"params": p}, x, train=True, rngs={"dropout": key})))
+    samples = np.asarray(train(jax.random.split(jax.random.key(2), 4000)))
+    assert fused_calls == []
+    deterministic = np.asarray(attn.apply({"params": p}, x, train=False))
+    assert fused_calls == [None]
+    assert np.abs(samples[0] - samples[1]).max() > 0.1 * np.abs(deterministic).max()
+    np.testing.assert_allclose(samples.mean(0), deterministic, atol=0.03 * np.abs(deterministic).max())
+
+
+def _ce_value_and_grad(model: ViT, x: jax.Array) -> jax.Array:
+    labels = jax.nn.one_hot(jnp.arange(x.shape[0]) % model.num_classes, model.num_classes)
+    rngs = {"dropout": jax.random.key(3), "drop_path": jax.random.key(4)}
+
+    def loss(params):
+        logits = model.apply({"params": params}, x, train=True, rngs=rngs)
+        return -(labels * jax.nn.log_softmax(logits)).sum(-1).mean()
+
+    return jax.jit(jax.value_and_grad(loss))
+
+
+def test_remat_keeps_params_loss_and_gradients(small):
+    """remat=True: the same param tree and init, and in training (every dropout and drop path on) the same loss
+    and gradients within 1e-6; each block is one checkpointed (rematerialised) call."""
+    _, params, x = small
+    stochastic = dict(**SMALL, drop_rate=0.1, attn_drop_rate=0.1, drop_path_rate=0.3)
+    plain, remat = create_vit(**stochastic), create_vit(**stochastic, remat=True)
+    init = [jax.eval_shape(m.init, jax.random.key(0), x)["params"] for m in (plain, remat)]
+    assert jax.tree.structure(init[0]) == jax.tree.structure(init[1])
+    (loss, grads), (loss_r, grads_r) = (_ce_value_and_grad(m, x)(params) for m in (plain, remat))
+    assert float(loss) > 0 and abs(float(loss) - float(loss_r)) <= 1e-6
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(g_r, g, rtol=0, atol=1e-6)
+    jaxpr = jax.make_jaxpr(lambda p: remat.apply({"params": p}, x, train=True, rngs={
+        "dropout": jax.random.key(0), "drop_path": jax.random.key(0)}))(params)
+    assert sum(e.primitive.name in ("checkpoint", "remat2") for e in jaxpr.eqns) == SMALL["depth"]
+
+
+def test_remat_keeps_only_the_block_inputs_for_the_backward_pass():
+    """What remat is for: the residuals the forward pass leaves for the backward (jax.vjp's closure, before any
+    backend) shrink to the block inputs and the params; the blocks' activations are recomputed instead."""
+    model = create_vit(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, mlp_dim=256, num_classes=10)
+    x = jax.ShapeDtypeStruct((32, 32, 32, 3), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+
+    def residual_bytes(m: ViT) -> int:
+        vjp = jax.eval_shape(lambda p, x: jax.vjp(lambda p: m.apply(p, x, train=True), p)[1], params, x)
+        return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(vjp))
+
+    plain, remat = residual_bytes(model), residual_bytes(model.clone(remat=True))
+    tokens = 32 * 65 * 64 * 4  # one block's input (B, 1 + N, D) in float32
+    assert plain > 10 * model.depth * tokens and remat < 0.1 * plain, (plain, remat)

@@ -5,6 +5,7 @@
   python main.py --config configs/bootstrap.py:imagenet10_joint --workdir runs/boot-in10 \
       --config.data.data_dir=/data/imagenet                  # an ImageFolder holding train/ and val/
   python main.py --config configs/bootstrap.py:digits_demo_joint --workdir runs/demo/boot-joint   # minutes on a CPU
+  python main.py --config configs/bootstrap.py:digits_demo_alone --workdir runs/demo/boot-alone   # its lone ViT
   python main.py --config configs/finetune.py:cifar100 --workdir runs/ft --config.init_from=runs/boot-c100-s-joint
 
 The recipe (SPEC §B3): AdamW lr 1e-3, weight decay 0.05, cosine over 240 epochs, no warm-up, batch 64; CIFAR:
@@ -54,6 +55,12 @@ VARIANTS = {
     "digits_demo_joint": {**_SMALL, **_DEMO, "mode": "joint"},
     "digits_demo_shared": {**_SMALL, **_DEMO, "mode": "shared"},
 }
+# The lone baselines: each joint variant with no KD and no hint, so the ViT trains alone on identical settings
+# (init, data, augmentation, budget) while its agent trains beside it, untouched: "alone vs joint vs shared" are
+# three variants of one recipe.
+_ALONE = {"loss.kd_vit": 0.0, "loss.kd_cnn": 0.0, "loss.hint": 0.0}
+VARIANTS.update({name.removesuffix("_joint") + "_alone": {**fields, **_ALONE}
+                 for name, fields in list(VARIANTS.items()) if name.endswith("_joint")})
 
 
 def agent_config() -> ml_collections.ConfigDict:

@@ -27,12 +27,14 @@ box is drawn on the device and differs per example, which jax.image's static-sha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-from jax.scipy.special import betainc, ndtri
+import numpy as np
+from jax.scipy.special import ndtri
 from jax.typing import DTypeLike
 
 from onepfrac_jax.config import require, require_choice
@@ -346,20 +348,44 @@ def soft_targets(labels: jax.Array, num_classes: int, smoothing: float = 0.0) ->
     return jax.nn.one_hot(labels, num_classes, dtype=jnp.float32) * (1.0 - smoothing) + off
 
 
-def _beta_symmetric(u: jax.Array, alpha: float) -> jax.Array:
-    """The Beta(α, α) quantile of u, by bisection on the regularised incomplete beta function.
+# Intervals of the Beta(α, α) quantile table: interpolation error below 5e-7 in λ for α in [0.1, 5], under
+# float32's own rounding; 4 KB in the program.
+_BETA_TABLE_INTERVALS = 1024
 
-    Exact in distribution, and much smaller compiled code than jax.random.beta (a gamma rejection sampler).
+
+@functools.lru_cache(maxsize=16)
+def _beta_quantile_table(alpha: float) -> np.ndarray:
+    """Q(s^α / 2) at s = 0, 1/n, …, 1 (n = _BETA_TABLE_INTERVALS), Q the Beta(α, α) quantile, in float64.
+
+    The variable s = (2u)^(1/α) of the lower half u ≤ ½ makes Q smooth: near 0, u ∝ Q^α (1 + O(Q)), so Q is an
+    analytic function of s there, where in u it has an infinite (α > 1) or zero (α < 1) slope.
     """
+    from scipy.special import betaincinv  # a dependency of JAX; only the host builds the table
 
-    def halve(_, bounds):
-        low, high = bounds
-        mid = 0.5 * (low + high)
-        below = betainc(alpha, alpha, mid) < u
-        return jnp.where(below, mid, low), jnp.where(below, high, mid)
+    s = np.linspace(0.0, 1.0, _BETA_TABLE_INTERVALS + 1)
+    table = betaincinv(alpha, alpha, s**alpha / 2)
+    table[0], table[-1] = 0.0, 0.5
+    return table
 
-    low, high = jax.lax.fori_loop(0, 32, halve, (jnp.float32(0.0), jnp.float32(1.0)))
-    return 0.5 * (low + high)
+
+def _beta_symmetric(u: jax.Array, alpha: float) -> jax.Array:
+    """The Beta(α, α) quantile of u, from a table built on the host once per α and interpolated linearly.
+
+    Symmetric: Q(u) = 1 − Q(1 − u), so the table covers u ≤ ½ in the variable s = (2u)^(1/α) (see
+    _beta_quantile_table). Within 1e-6 of the exact quantile (tests/test_step_program.py), and no loop in the
+    compiled step: a bisection on betainc was 32 steps around betainc's own data-dependent while loop, each
+    iteration a device → host sync on a GPU.
+    """
+    n = _BETA_TABLE_INTERVALS
+    table = jnp.asarray(_beta_quantile_table(float(alpha)), jnp.float32)
+    lower = u < 0.5
+    t = 2.0 * jnp.where(lower, u, 1.0 - u)  # 2·min(u, 1 − u) in [0, 1]; 1 − u is exact in float32 for u ≥ ½
+    s = t if alpha == 1.0 else t ** (1.0 / alpha)
+    position = s * n
+    i = jnp.clip(jnp.floor(position).astype(jnp.int32), 0, n - 1)
+    frac = position - i
+    q = table[i] + frac * (table[i + 1] - table[i])
+    return jnp.where(lower, q, 1.0 - q)
 
 
 def _mix(

@@ -12,11 +12,10 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from PIL import Image
 
-from onepfrac_jax.fractals.bank import BankSpec, FractalBank, build_bank
-from onepfrac_jax.parallel.mesh import Mesh
+from onepfrac_jax.fractals.bank import BankSpec, build_bank
+from onepfrac_jax.parallel.mesh import Mesh, to_host
 from onepfrac_jax.rundir import Result, RunDir
 
 PREVIEW_CLASSES = 64
@@ -52,15 +51,6 @@ def write_image_folder(images: np.ndarray, root: Path) -> None:
                 logging.info("wrote %d/%d PNGs (%.0f images/s)", done, total, rate)
 
 
-def gather_images(bank: FractalBank) -> np.ndarray:
-    """The bank's kept images as one host array on every process (collective when the bank spans processes)."""
-    if bank.images.is_fully_addressable:
-        images = np.asarray(bank.images)
-    else:  # each process holds only its devices' rows
-        images = np.asarray(multihost_utils.process_allgather(bank.images, tiled=True))
-    return images[: bank.spec.num_classes]
-
-
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:
     """Renders the bank over all devices of all processes (or `mesh`'s); process 0 writes the files."""
     spec = BankSpec.from_config(config)
@@ -68,7 +58,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     with RunDir.open(config, workdir, resumable=False) as run_dir:
         start = time.perf_counter()
         bank = build_bank(spec, mesh, progress=lambda line: logging.info("%s", line))
-        images = gather_images(bank)
+        images = to_host(bank.images)[: spec.num_classes]  # on every process: a collective
         logging.info("bank of %d classes at %d² rendered in %.1f s", spec.num_classes, spec.image_size,
                      time.perf_counter() - start)
         run_dir.begin()  # an overwrite clears the old set here, so no class folder of it survives

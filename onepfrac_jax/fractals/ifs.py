@@ -5,8 +5,11 @@ A system of N affine maps is an array (N, 6) of (a, b, c, d, e, f): w(x, y) = (a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 PERTURBATIONS = ("multiplicative", "additive")
 
@@ -16,43 +19,51 @@ def _rotation(theta: jax.Array) -> jax.Array:
     return jnp.array([[c, -s], [s, c]])
 
 
-def sample_singular_values(key: jax.Array, num_maps: int, sigma: jax.Array) -> jax.Array:
-    """Draws (N, 2) singular values s1 ≥ s2 in [0, 1] with Σ_j (s1_j + 2 s2_j) = σ exactly.
+def singular_values(u: jax.Array, num_maps: int, sigma: jax.Array) -> jax.Array:
+    """(N, 2) singular values s1 ≥ s2 in [0, 1] with Σ_j (s1_j + 2 s2_j) = σ exactly, from 2N uniforms u ∈ [0, 1).
 
-    The bounds keep every later pair feasible: p is the σ budget left, q the least the remaining maps must take.
+    Drawn in turn, each uniform between bounds that keep every later pair feasible: p is the σ budget left,
+    q the least the remaining maps must take.
     """
-    keys = jax.random.split(key, 2 * num_maps)
+
+    def between(lo, hi, v):
+        return lo + v * (hi - lo)
+
     p = sigma
     q = sigma - 3 * num_maps + 3
     pairs = []
     for j in range(num_maps - 1):
-        s1 = jax.random.uniform(keys[2 * j], minval=jnp.maximum(0.0, q / 3), maxval=jnp.minimum(1.0, p))
+        s1 = between(jnp.maximum(0.0, q / 3), jnp.minimum(1.0, p), u[2 * j])
         q, p = q - s1, p - s1
-        s2 = jax.random.uniform(keys[2 * j + 1], minval=jnp.maximum(0.0, q / 2), maxval=jnp.minimum(s1, p / 2))
+        s2 = between(jnp.maximum(0.0, q / 2), jnp.minimum(s1, p / 2), u[2 * j + 1])
         q, p = q - 2 * s2 + 3, p - 2 * s2
         pairs.append((s1, s2))
-    s2 = jax.random.uniform(keys[-1], minval=jnp.maximum(0.0, (p - 1) / 2), maxval=p / 3)
+    s2 = between(jnp.maximum(0.0, (p - 1) / 2), p / 3, u[-1])
     pairs.append((p - 2 * s2, s2))
     return jnp.array(pairs)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def sample_ifs(key: jax.Array, num_maps: int = 2, sigma0: float = 3.5) -> tuple[jax.Array, jax.Array]:
     """Samples one σ-factor system: returns (params (N, 6), σ) with σ ~ U(σ₀ − 0.1, σ₀ + 0.1).
 
     A_j = U_j diag(s1, s2) V_j, with U_j, V_j rotations by θ ~ U(−π, π) times diag(±1, ±1); t_j ~ U(−1, 1)².
+    Every variate comes from one draw of uniforms (one PRNG call compiles in a fraction of the time of many).
     """
-    k_sigma, k_sv, k_theta, k_sign, k_t = jax.random.split(key, 5)
-    sigma = jax.random.uniform(k_sigma, minval=sigma0 - 0.1, maxval=sigma0 + 0.1)
-    sv = sample_singular_values(k_sv, num_maps, sigma)
-    thetas = jax.random.uniform(k_theta, (2 * num_maps,), minval=-jnp.pi, maxval=jnp.pi)
-    signs = jax.random.choice(k_sign, jnp.array([-1.0, 1.0]), (2 * num_maps, 2))
+    n = num_maps
+    u = jax.random.uniform(key, (1 + 2 * n + 2 * n + 4 * n + 2 * n,))
+    u_sigma, u_sv, u_theta, u_sign, u_t = jnp.split(u, np.cumsum([1, 2 * n, 2 * n, 4 * n]))
+    sigma = sigma0 - 0.1 + 0.2 * u_sigma[0]
+    sv = singular_values(u_sv, n, sigma)
+    thetas = jnp.pi * (2 * u_theta - 1)
+    signs = jnp.where(u_sign < 0.5, -1.0, 1.0).reshape(2 * n, 2)
     maps = []
-    for j in range(num_maps):
-        u = _rotation(thetas[j]) * signs[j][None, :]
-        v = _rotation(thetas[num_maps + j]) * signs[num_maps + j][None, :]
-        maps.append((u * sv[j][None, :]) @ v)
-    a = jnp.stack(maps).reshape(num_maps, 4)
-    t = jax.random.uniform(k_t, (num_maps, 2), minval=-1.0, maxval=1.0)
+    for j in range(n):
+        rot_u = _rotation(thetas[j]) * signs[j][None, :]
+        rot_v = _rotation(thetas[n + j]) * signs[n + j][None, :]
+        maps.append((rot_u * sv[j][None, :]) @ rot_v)
+    a = jnp.stack(maps).reshape(n, 4)
+    t = (2 * u_t - 1).reshape(n, 2)
     return jnp.concatenate([a, t], axis=1), sigma
 
 
@@ -71,14 +82,15 @@ def perturb(key: jax.Array, params: jax.Array, delta: float, mode: str = "multip
     raise ValueError(f"perturbation {mode!r} is not one of {PERTURBATIONS}")
 
 
-def class_key(key: jax.Array, label: jax.Array, attempt: jax.Array) -> jax.Array:
-    """The key of a class's `attempt`-th perturbation: independent of batching and device count."""
-    return jax.random.fold_in(jax.random.fold_in(key, label), attempt)
+def class_keys(key: jax.Array, label: jax.Array, attempt: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The keys of a class's `attempt`-th draw: (perturbation, patch masks), independent of batching and devices.
+
+    Both come from fold_in(fold_in(key, label), attempt), split in two: a re-draw gets fresh maps and fresh masks.
+    """
+    perturb_key, mask_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(key, label), attempt))
+    return perturb_key, mask_key
 
 
-def perturb_classes(
-    key: jax.Array, params: jax.Array, labels: jax.Array, attempts: jax.Array, delta: float, mode: str
-) -> jax.Array:
-    """Perturbed systems (L, N, 6) for classes `labels` at re-draw counts `attempts`."""
-    keys = jax.vmap(class_key, in_axes=(None, 0, 0))(key, labels, attempts)
+def perturb_classes(keys: jax.Array, params: jax.Array, delta: float, mode: str) -> jax.Array:
+    """Perturbed systems (L, N, 6), one per perturbation key (L,)."""
     return jax.vmap(perturb, in_axes=(0, None, None, None))(keys, params, delta, mode)

@@ -7,10 +7,16 @@ The qkv kernel's output columns are [q | k | v], each head-major: column = part*
 
 Mixed precision follows PyTorch AMP: matmuls/convs run in `dtype`, while the residual stream, LayerNorm,
 softmax and the returned logits stay float32 (AMP adds fp16 branch outputs onto a float32 residual).
+
+Attention is `jax.nn.dot_product_attention` (float32 logits and softmax whatever `dtype`); `attention_impl`
+chooses its backend: None (JAX's choice: XLA in JAX ≤ 0.10), 'xla' or 'cudnn' (cuDNN's fused flash attention on
+NVIDIA GPUs, float16/bfloat16 only). `remat=True` recomputes each block's activations in the backward pass
+(`nn.remat`) instead of keeping them: the same params, loss and gradients, less memory, one more forward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -66,6 +72,21 @@ class DropPath(nn.Module):
         return x * (mask.astype(x.dtype) / jnp.asarray(keep, x.dtype))
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn")
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      dropout: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
+    """softmax(q kᵀ / √d) v over (B, N, H, d) inputs, logits and softmax in float32, probabilities back in the
+    inputs' dtype; `dropout` (if any) applies to the probabilities. jax.nn.dot_product_attention's math, spelt out
+    for what it cannot do (dropout on the probabilities; float16 off GPUs, whose dot algorithm CPU and TPU lack)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection (timm `Attention`)."""
 
@@ -75,18 +96,22 @@ class Attention(nn.Module):
     proj_drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None  # jax.nn.dot_product_attention's `implementation`
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         b, n, _ = x.shape
         dh = self.dim // self.num_heads
+        attn_drop = Dropout(self.attn_drop_rate)  # made first either way: the dropout rng names stay as they were
         qkv = _dense(3 * self.dim, self.dtype, self.param_dtype, "qkv")(x)
-        q, k, v = qkv.reshape(b, n, 3, self.num_heads, dh).transpose(2, 0, 3, 1, 4)  # each (B, H, N, dh)
-        logits = jnp.einsum("bhqd,bhkd->bhqk", q * (dh**-0.5), k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        probs = Dropout(self.attn_drop_rate)(probs, deterministic=not train)
-        out = jnp.einsum("bhqk,bhkd->bqhd", probs, v).reshape(b, n, self.dim)
-        out = _dense(self.dim, self.dtype, self.param_dtype, "proj")(out)
+        q, k, v = qkv.reshape(b, n, 3, self.num_heads, dh).transpose(2, 0, 1, 3, 4)  # each (B, N, H, dh)
+        if train and self.attn_drop_rate > 0:  # dot_product_attention has no dropout
+            out = softmax_attention(q, k, v, lambda p: attn_drop(p, deterministic=False))
+        elif q.dtype == jnp.float16 and jax.default_backend() != "gpu" and self.attention_impl != "cudnn":
+            out = softmax_attention(q, k, v)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
+        out = _dense(self.dim, self.dtype, self.param_dtype, "proj")(out.reshape(b, n, self.dim))
         return Dropout(self.proj_drop_rate)(out, deterministic=not train)
 
 
@@ -119,13 +144,14 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention_impl: str | None = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: nn.remat's static argument
         drop_path = DropPath(self.drop_path_rate)
         y = _layer_norm("norm1", self.param_dtype)(x).astype(self.dtype)
         y = Attention(self.dim, self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
-                      self.param_dtype, name="attn")(y, train=train)
+                      self.param_dtype, self.attention_impl, name="attn")(y, train=train)
         x = x + drop_path(y, deterministic=not train)
         y = _layer_norm("norm2", self.param_dtype)(x).astype(self.dtype)
         y = Mlp(self.dim, self.mlp_dim, self.drop_rate, self.dtype, self.param_dtype, name="mlp")(
@@ -149,6 +175,8 @@ class ViT(nn.Module):
     drop_path_rate: float = 0.0  # of the last block; block i uses rate * i / (depth - 1) as timm
     dtype: Dtype = jnp.float32  # computation dtype of matmuls/convs (bfloat16/float16 for mixed precision)
     param_dtype: Dtype = jnp.float32
+    remat: bool = False  # recompute each block in the backward pass (nn.remat) instead of storing its activations
+    attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation: None, 'xla' or 'cudnn'
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -182,10 +210,12 @@ class ViT(nn.Module):
         x = jnp.concatenate([jnp.zeros_like(x[:, :1]) + cls, x], axis=1) + pos
         x = Dropout(self.drop_rate)(x, deterministic=not train)
 
+        # nn.remat keeps the module's name, hence the param tree; argument 2 (after self and x) is `train`.
+        block = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
         blocks = []
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
-            x = Block(self.embed_dim, self.num_heads, self.mlp_dim, self.drop_rate, self.attn_drop_rate, rate,
-                      self.dtype, self.param_dtype, name=f"blocks_{i}")(x, train=train)
+            x = block(self.embed_dim, self.num_heads, self.mlp_dim, self.drop_rate, self.attn_drop_rate, rate,
+                      self.dtype, self.param_dtype, self.attention_impl, name=f"blocks_{i}")(x, train)
             blocks.append(x)
 
         out = _layer_norm("norm", self.param_dtype)(x)[:, 0]
@@ -257,3 +287,7 @@ def _validate(m: ViT) -> None:
     for field in ("drop_rate", "attn_drop_rate", "drop_path_rate"):
         if not 0.0 <= getattr(m, field) < 1.0:
             raise ValueError(f"ViT.{field} must lie in [0, 1), got {getattr(m, field)!r}")
+    if not isinstance(m.remat, bool | np.bool_):
+        raise ValueError(f"ViT.remat must be a bool, got {m.remat!r}")
+    if m.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"ViT.attention_impl must be one of {ATTENTION_IMPLS}, got {m.attention_impl!r}")

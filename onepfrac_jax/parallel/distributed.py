@@ -246,11 +246,17 @@ def _exit_now_on_uncaught_exception() -> None:
     sys.excepthook = hook
 
 
-def initialize(environ: Mapping[str, str] | None = None) -> None:
-    """Joins the run described by flags / environment / launcher (see the module docstring); logs what it found."""
+def initialize(environ: Mapping[str, str] | None = None, default_cpu_devices: int | None = None) -> None:
+    """Joins the run described by flags / environment / launcher (see the module docstring); logs what it found.
+
+    `default_cpu_devices` is the CPU device count of a single-process run that sets none (`--cpu_devices`).
+    """
     settings = resolve(environ)
-    if settings.cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
+    cpu_devices = settings.cpu_devices
+    if cpu_devices is None and settings.mode == "single":
+        cpu_devices = default_cpu_devices
+    if cpu_devices is not None:
+        jax.config.update("jax_num_cpu_devices", cpu_devices)
     if settings.mode != "single":
         where = settings.coordinator_address or f"the coordinator named by the {settings.mode} environment"
         logging.info("process %d of %d (%s): joining %s, waiting up to %d s for all processes",

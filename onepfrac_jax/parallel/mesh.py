@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA = "data"
@@ -21,3 +23,11 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole array on this host: a plain copy when this process holds all of it, else gathered from every
+    process (a collective: all processes must call it)."""
+    if array.is_fully_addressable:
+        return np.asarray(array)
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))

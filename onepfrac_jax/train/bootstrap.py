@@ -24,7 +24,6 @@ from onepfrac_jax.config import ConfigError, require, require_choice
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
 from onepfrac_jax.export.agent import export_agent
-from onepfrac_jax.export.timm import export_vit
 from onepfrac_jax.models.agent import AGENT_PRESETS, Agent, SharedAgent, create_agent
 from onepfrac_jax.models.vit import ViT
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding
@@ -190,19 +189,28 @@ def make_evaluate(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig,
     return evaluate
 
 
+def export_variables(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig, variables: dict,
+                     out_dir: Path) -> dict:
+    """What a bootstrap run's export/ holds, from its `variables`: the ViT as timm weights (model.safetensors,
+    model.pth, timm.json) and the agent's state dict (a shared agent as the plain CNN its ViT weights define)."""
+    params = variables["params"]
+    files = classify.export_variables(vit, augment, {"params": params["vit"]}, out_dir)
+    extra = {name: value for name, value in variables.items() if name != "params"}
+    shared_from = params["vit"] if isinstance(agent, SharedAgent) else None
+    files["agent"] = export_agent({"params": params["agent"], **extra}, agent.clone(dtype=jnp.float32), out_dir,
+                                  vit_params=shared_from, overwrite=True)
+    return files
+
+
 def make_export(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig) -> Callable:
-    """Writes the ViT as timm weights (model.safetensors, model.pth, timm.json) and the agent's state dict."""
+    """The end-of-run export (Task.export)."""
+    return lambda state, out_dir: export_variables(vit, agent, augment, classify.final_variables(state), out_dir)
 
-    def export(state: loop.TrainState, out_dir: Path) -> dict:
-        params, extra = jax.device_get((state.params, state.extra))
-        files = export_vit(params["vit"], vit.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std,
-                           overwrite=True)
-        shared_from = params["vit"] if isinstance(agent, SharedAgent) else None
-        files["agent"] = export_agent({"params": params["agent"], **extra}, agent.clone(dtype=jnp.float32), out_dir,
-                                      vit_params=shared_from, overwrite=True)
-        return files
 
-    return export
+def export_checkpoint(config: ml_collections.ConfigDict, variables: dict, out_dir: Path) -> dict:
+    """The export stage's: what a bootstrap run with `config` exports from these checkpoint variables."""
+    vit, agent = build_models(config, classify.head_classes(variables["params"]["vit"]))
+    return export_variables(vit, agent, augment_config(config.augment), variables, out_dir)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:

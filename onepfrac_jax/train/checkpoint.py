@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging as logging_std
 import os
 import re
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from onepfrac_jax.config import ConfigError, RunError, first_few
+from onepfrac_jax.config import ConfigError, RunError, first_few, require
+
+T = TypeVar("T")
 
 DAMAGED = "damaged-checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -183,22 +188,94 @@ def _quiet_abandoned_io() -> None:
     sys.unraisablehook, sys.excepthook = unraisable_hook, except_hook
 
 
-def load_variables(workdir: Path) -> dict:
-    """The latest checkpoint's params and other collections as NumPy arrays, whatever topology saved it.
+class _SkipReadOnlyNotice(logging_std.Filter):
+    """Orbax warns that a read-only manager's directory is read only: that is the point of one."""
 
-    Restoring onto NumPy targets built from the checkpoint's metadata does not depend on the devices of the run
-    that saved it (restoring onto its recorded shardings fails elsewhere with "Topology mismatch").
+    def filter(self, record: logging_std.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+@functools.cache
+def _quiet_read_only_notice() -> None:
+    logging.get_absl_logger().addFilter(_SkipReadOnlyNotice())
+
+
+def _reader(workdir: Path) -> ocp.CheckpointManager:
+    """A read-only manager of `workdir`'s checkpoints: it writes, deletes and cleans nothing there and takes no lock,
+    so it can read a run that is still training. Orbax lists only finalised steps (a step being written is a
+    `*.orbax-checkpoint-tmp*` folder until its atomic rename), so no half-written checkpoint is ever read."""
+    _quiet_read_only_notice()
+    _quiet_abandoned_io()  # a damaged checkpoint's failed read prints after its one-line error otherwise
+    return _listing(lambda: ocp.CheckpointManager(
+        (workdir / "checkpoints").resolve(),
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0),
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}))
+
+
+def _listing(list_steps: Callable[[], T], tries: int = 20) -> T:
+    """list_steps() retried while a running run deletes a step between Orbax listing it and reading its time stamp
+    (FileNotFoundError): the next listing no longer holds it."""
+    for _ in range(tries - 1):
+        with contextlib.suppress(FileNotFoundError):
+            return list_steps()
+        time.sleep(0.05)
+    return list_steps()
+
+
+def _read(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
+    """The state at `step` as NumPy arrays (targets built from its metadata), and its data."""
+    metadata = manager.item_metadata(step)["state"]
+    if metadata is None:
+        raise ValueError("its state has no readable metadata")
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(metadata, "tree", metadata),
+                          is_leaf=lambda m: hasattr(m, "shape"))
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             data=ocp.args.JsonRestore()))
+    return restored.state, dict(restored.data or {})
+
+
+def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, dict]:
+    """(step, variables, data) of the checkpoint at `step` (None: the newest readable one), whatever topology saved it.
+
+    `variables` are the params and the other collections as NumPy arrays ({'params': ..., 'batch_stats': ...});
+    `data` is what the run saved beside them (its evaluation `history`). Restoring onto NumPy targets built from the
+    checkpoint's metadata does not depend on the devices of the run that saved it (restoring onto its recorded
+    shardings fails elsewhere with "Topology mismatch"). Nothing is written into `workdir`: a damaged checkpoint is
+    reported, not set aside as a resume does. ConfigError when there is no such checkpoint, naming the kept steps.
     """
-    manager = ocp.CheckpointManager((workdir / "checkpoints").resolve(), item_handlers={
-        "state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+    directory = workdir / "checkpoints"
+    manager = _reader(workdir)
+    listed = lambda: ", ".join(map(str, sorted(manager.all_steps()))) or "none"
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise ConfigError(f"{workdir} holds no checkpoint")
-        metadata = manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), getattr(metadata, "tree", metadata),
-                              is_leaf=lambda m: hasattr(m, "shape"))
-        state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
+        while True:
+            kept = sorted(manager.all_steps())
+            require(bool(kept), f"{workdir} holds no checkpoint yet (nothing in {directory})")
+            require(step is None or step in kept,
+                    f"{workdir} keeps no checkpoint at step {step}; the kept steps: {listed()}")
+            for candidate in [step] if step is not None else reversed(kept):
+                try:
+                    state, data = _read(manager, candidate)
+                    return candidate, {"params": state["params"], **state["extra"]}, data
+                except Exception as e:  # Orbax and TensorStore raise many types for unreadable or vanished files
+                    if not (directory / str(candidate)).exists():  # a run still training deleted it meanwhile
+                        if step is None:
+                            break  # it has saved a newer one: list again
+                        _listing(manager.reload)
+                        raise ConfigError(f"the checkpoint at step {step} in {workdir} was removed while being read "
+                                          f"(the run, still training, keeps only its last keep_checkpoints); the "
+                                          f"kept steps now: {listed()}") from e
+                    if step is not None:
+                        raise ConfigError(f"the checkpoint at step {step} in {directory} cannot be read: "
+                                          f"{_reason(e)}") from e
+                    logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the one before",
+                                    candidate, directory, _reason(e))
+            else:
+                raise ConfigError(f"no readable checkpoint in {directory} (steps {listed()})")
+            _listing(manager.reload)
     finally:
         manager.close()
-    return {"params": state["params"], **state["extra"]}
+
+
+def load_variables(workdir: Path, step: int | None = None) -> dict:
+    """The params and other collections of the checkpoint at `step` (None: the latest) as NumPy arrays."""
+    return read_checkpoint(workdir, step)[1]

@@ -8,11 +8,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from onepfrac_jax.config import ConfigError, require
-from onepfrac_jax.data.augment import AugmentConfig, eval_transform
+from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
 from onepfrac_jax.export.timm import export_vit
-from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit
+from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_dtype
 from onepfrac_jax.train.loop import TrainState
 from onepfrac_jax.train.losses import soft_cross_entropy, top1_correct
 
@@ -26,15 +27,22 @@ def add_model_fields(config: ml_collections.ConfigDict, model: str) -> None:
         setattr(config, name, -1)  # overrides the preset's dimension when > 0
     config.drop_path = 0.1  # stochastic depth of the last block (linear over depth, as timm)
     config.dropout = 0.0
+    # replaces the loop's float32: bfloat16 on TPUs and GPUs of compute capability ≥ 8.0, float16 (dynamic loss
+    # scaling) on 7.x (V100), float32 on CPUs; the log says which (models.precision)
+    config.dtype = "auto"
+    config.remat = False  # recompute each block in the backward pass: less activation memory, ~1/3 more compute
 
 
 def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
     """The configured ViT at config.image_size; a bad preset name or shape is one ConfigError."""
     overrides = {name: config[name] for name in FREE_DIMS if config[name] > 0}
     try:
+        # A run's saved config rebuilt elsewhere (inference, export) takes 'auto' as these devices resolve it;
+        # configs saved before `remat` existed have none.
+        dtype = DTYPES[resolve_dtype(config.dtype)]
         return create_vit(config.model, num_classes=num_classes, img_size=config.image_size,
-                          drop_path_rate=config.drop_path, drop_rate=config.dropout, dtype=DTYPES[config.dtype],
-                          **overrides)
+                          drop_path_rate=config.drop_path, drop_rate=config.dropout, dtype=dtype,
+                          remat=config.get("remat", False), **overrides)
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
 
@@ -44,6 +52,13 @@ def validate_model_fields(config: ml_collections.ConfigDict) -> None:
     for name in FREE_DIMS:
         require(config[name] == -1 or config[name] > 0, f"{name}={config[name]} must be > 0 (or -1: the preset's)")
     require(0 <= config.drop_path < 1 and 0 <= config.dropout < 1, "drop_path and dropout must lie in [0, 1)")
+    require(isinstance(config.remat, bool), f"remat={config.remat!r} must be True or False")
+    require(config.dtype in DTYPES, f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+    # The loop turns float16's dynamic loss scaling on by the config's name, so 'auto' that means float16 (V100)
+    # is written as 'float16' before the run directory is opened: config.json then says so, and a resume on
+    # other hardware is a config change. 'auto' that means float32 or bfloat16 stays 'auto'.
+    if config.dtype == "auto" and resolve_dtype(config.dtype) == "float16":
+        config.dtype = "float16"
 
 
 def soft_target_loss(model: ViT) -> Callable:
@@ -76,9 +91,29 @@ def make_evaluate(model: ViT, augment: AugmentConfig, batches: Callable[[], Iter
     return evaluate
 
 
-def make_export(model: ViT, augment: AugmentConfig) -> Callable[[TrainState, Path], dict]:
-    def export(state: TrainState, out_dir: Path) -> dict:
-        params = jax.device_get(state.params)
-        return export_vit(params, model.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std, overwrite=True)
+def head_classes(params: dict) -> int:
+    """The class count of a ViT's params (its head's), e.g. of a fine-tune whose count came from its data."""
+    return int(np.shape(params["head"]["bias"])[0])
 
-    return export
+
+def final_variables(state: TrainState) -> dict:
+    """A train state's params and other collections on the host, as a checkpoint's `variables`."""
+    return jax.device_get({"params": state.params, **state.extra})
+
+
+def export_variables(model: ViT, augment: AugmentConfig, variables: dict, out_dir: Path) -> dict:
+    """What a run's export/ holds, from its `variables`: the ViT as timm weights (model.safetensors, model.pth,
+    timm.json with the run's mean and std)."""
+    return export_vit(variables["params"], model.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std,
+                      overwrite=True)
+
+
+def make_export(model: ViT, augment: AugmentConfig) -> Callable[[TrainState, Path], dict]:
+    """The end-of-run export (Task.export)."""
+    return lambda state, out_dir: export_variables(model, augment, final_variables(state), out_dir)
+
+
+def export_checkpoint(config: ml_collections.ConfigDict, variables: dict, out_dir: Path) -> dict:
+    """The export stage's: what a pre-train or fine-tune run with `config` exports from these checkpoint variables."""
+    model = build_vit(config, head_classes(variables["params"]))
+    return export_variables(model, augment_config(config.augment), variables, out_dir)

@@ -70,9 +70,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
                        else None)
         logging.info("%s", data.describe())
 
-        def init_variables(key):
-            if init_params is not None:
-                return {"params": init_params}
+        def init_variables(key, initial=None):
+            if initial is not None:  # the pre-trained params: an argument of the jitted init, not its constants
+                return {"params": initial}
             return model.init(key, jax.numpy.zeros((1, config.image_size, config.image_size, 3)))
 
         def make_batch(key, item, step):
@@ -89,4 +89,5 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
             export=classify.make_export(model, augment),
             steps_per_epoch=data.steps_per_epoch,
             eval_names=("val_top1",),
+            initial=init_params,
         ))

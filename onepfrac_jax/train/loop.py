@@ -9,6 +9,10 @@ Every training stage takes the same path from its config to the loop:
 any rendering, decoding or weight loading, so a bad workdir fails within seconds whatever the bank size. A stage
 describes itself as a `Task` (how to initialise, make a batch on device, compute the loss, evaluate and export);
 `Run.train` owns the rest: optimizer, precision, checkpoints, metrics and result.json.
+
+Large arrays the step reads (pre-training's fractal bank) are `Task.resident`: arguments of the jitted step, never
+closed over. jit embeds a closed-over array in the program as a constant: lowering and compiling then grow with
+its size (and past protobuf's 2 GB limit), and every device holds a second copy.
 """
 
 from __future__ import annotations
@@ -68,8 +72,10 @@ class TrainState:
 class Task:
     """What a stage plugs into the loop (the run's config supplies batch size, steps, seeds and schedules)."""
 
-    init_variables: Callable[[jax.Array], dict]  # key -> {'params': ..., other collections}
-    make_batch: Callable[[jax.Array, Any, jax.Array], dict]  # (key, host inputs, step) -> batch, traced in jit
+    # key -> {'params': ..., other collections}; (key, initial) -> ... when `initial` is set
+    init_variables: Callable[..., dict]
+    # (key, host inputs, step) -> batch, traced in jit; (key, host inputs, step, resident) when `resident` is set
+    make_batch: Callable[..., dict]
     loss_fn: Callable[..., tuple[jax.Array, tuple[dict, Any]]]  # (params, extra, batch, key) -> loss, (metrics, extra)
     inputs: Callable[[int], Iterator[Any]]  # first step -> one host-input item per step (None when on-device only)
     evaluate: Callable[[TrainState], dict[str, float]] | None  # full validation pass -> metrics
@@ -78,6 +84,12 @@ class Task:
     metric_names: tuple[str, ...] = ("loss",)  # loss metrics logged (means over the interval)
     eval_names: tuple[str, ...] = ()  # evaluate()'s keys, also CSV columns
     optimizer_labels: Callable[[Any], Any] | None = None  # params -> label tree: one optimizer per label
+    # Device arrays make_batch reads every step (a pytree, e.g. the bank), placed with the shardings the stage
+    # chose; the step takes them as an argument (not donated), so they are never constants of the program.
+    resident: Any = None
+    # Host or device arrays init_variables starts from (pre-trained weights): replicated over the mesh and passed
+    # to the jitted initialisation as an argument, for the same reason.
+    initial: Any = None
 
 
 def default_train_config(config: ml_collections.ConfigDict) -> None:
@@ -136,10 +148,13 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
                      dynamic_scaling: bool) -> Callable:
     step_stream = stream_key(seed, _STEP_STREAM)
 
-    def train_step(state: TrainState, inputs: Any) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, inputs: Any, resident: Any = None) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(step_stream, state.step)
         data_key, model_key = jax.random.split(key)
-        batch = task.make_batch(data_key, inputs, state.step)
+        if task.resident is None:
+            batch = task.make_batch(data_key, inputs, state.step)
+        else:
+            batch = task.make_batch(data_key, inputs, state.step, resident)
 
         def scaled(params):
             loss, (metrics, extra) = task.loss_fn(params, state.extra, batch, model_key)
@@ -170,17 +185,39 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
     return train_step
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
-    """Initial state, replicated over the mesh."""
+def jit_train_step(task: Task, config: ml_collections.ConfigDict, mesh: Mesh,
+                   total: int) -> tuple[Callable, optax.GradientTransformation]:
+    """The jitted update step `Run.train` runs, `step_fn(state, host inputs, task.resident)`, and its optimizer.
 
-    def init() -> TrainState:
-        variables = task.init_variables(stream_key(seed, _INIT_STREAM))
+    Public so that benchmarks and tests can lower and compile exactly the program training runs.
+    """
+    tx, lr = _build_optimizer(task, config, total)
+    step_fn = jax.jit(
+        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
+        out_shardings=(replicated(mesh), replicated(mesh)),
+        donate_argnums=0,
+    )
+    return step_fn, tx
+
+
+def _make_init(task: Task, tx: optax.GradientTransformation, seed: int) -> Callable[[Any], TrainState]:
+    """initial -> the initial state (`task.initial`'s arrays, or None)."""
+
+    def init(initial: Any) -> TrainState:
+        key = stream_key(seed, _INIT_STREAM)
+        variables = task.init_variables(key) if task.initial is None else task.init_variables(key, initial)
         params = variables["params"]
         extra = {k: v for k, v in variables.items() if k != "params"}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra,
                           loss_scale=jnp.ones((), jnp.float32), good_steps=jnp.zeros((), jnp.int32))
 
-    return jax.jit(init, out_shardings=replicated(mesh))()
+    return init
+
+
+def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
+    """Initial state, replicated over the mesh."""
+    initial = None if task.initial is None else jax.device_put(task.initial, replicated(mesh))
+    return jax.jit(_make_init(task, tx, seed), out_shardings=replicated(mesh))(initial)
 
 
 def _preemption_sync_manager() -> Any:
@@ -280,8 +317,8 @@ class Run:
         main_process = jax.process_index() == 0
         total = total_steps(config, task.steps_per_epoch)
 
-        # ---- model, optimizer, state ---------------------------------------------------------------------------
-        tx, lr = _build_optimizer(task, config, total)
+        # ---- model, optimizer, state, the update step ----------------------------------------------------------
+        step_fn, tx = jit_train_step(task, config, mesh, total)
         state = init_state(task, tx, config.seed, mesh)
         if config.dtype == "float16":
             state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
@@ -295,12 +332,6 @@ class Run:
         require(start <= total, f"the run in {path} is at step {start}, past total_steps={total}")
         self.rundir.begin()  # a resume commits only once its checkpoint is restored (begin() runs once)
 
-        # ---- the update step -------------------------------------------------------------------------------------
-        step_fn = jax.jit(
-            _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
-            out_shardings=(replicated(mesh), replicated(mesh)),
-            donate_argnums=0,
-        )
         # input_wait: the fraction of the interval spent waiting for the host pipeline
         writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *task.eval_names],
                               total, enabled=main_process, resume=self.rundir.resuming)
@@ -350,7 +381,7 @@ class Run:
                 t0 = time.perf_counter()
                 item = next(inputs)
                 wait += time.perf_counter() - t0
-                state, metrics = step_fn(state, item)
+                state, metrics = step_fn(state, item, task.resident)
                 pending.append((step + 1, metrics))
                 done = step + 1
                 row: dict[str, float] = {}

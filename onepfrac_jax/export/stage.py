@@ -1,0 +1,62 @@
+"""The export stage: a run's checkpoint at any kept step → exactly what the run writes to export/ when it finishes.
+
+It reads the checkpoint read-only onto host arrays (train/checkpoint.read_checkpoint: only finalised steps, any
+saving topology, no lock), so a run still training is neither blocked nor changed, and calls the very export
+function the run's own end calls (`export_checkpoint` of classify or bootstrap).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+
+from onepfrac_jax.config import ConfigError, require
+from onepfrac_jax.inference import run_config
+from onepfrac_jax.parallel.mesh import Mesh
+from onepfrac_jax.rundir import Result, RunDir
+from onepfrac_jax.train import bootstrap, classify
+from onepfrac_jax.train.checkpoint import read_checkpoint
+
+# run stage -> (its config, checkpoint variables, out dir) -> {name: path}, the files of the run's export/
+EXPORTERS = {
+    "pretrain": classify.export_checkpoint,
+    "finetune": classify.export_checkpoint,
+    "bootstrap": bootstrap.export_checkpoint,
+}
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """Whether one of the two directories is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:
+    """Exports config.run's checkpoint at config.step (-1: the latest) into workdir; `mesh` is unused (host arrays)."""
+    require(str(config.run).strip() != "", "run is empty; name the run directory to export: --config.run=RUN_DIR")
+    require(config.step >= -1, f"step={config.step} must be a checkpoint's step, or -1 for the latest")
+    source = Path(config.run).expanduser()
+    saved = run_config(source)
+    if saved.stage not in EXPORTERS:
+        inside = "; its pretrain/ and finetune/ are" if saved.stage == "demo" else ""
+        raise ConfigError(f"{source} is a {saved.stage} run, which has no checkpoints to export{inside} (export "
+                          f"reads {', '.join(EXPORTERS)} runs)")
+    require(str(workdir).strip() == "" or not _nested(Path(workdir).expanduser(), source),
+            f"workdir {workdir} and the run {source} are nested; export never writes into the run (nor replaces "
+            f"a folder holding it): choose a workdir outside it")
+    with RunDir.open(config, workdir, resumable=False) as out:
+        step, variables, data = read_checkpoint(source, None if config.step == -1 else config.step)
+        out.begin()  # an overwrite clears the earlier export here
+        files = {}
+        if jax.process_index() == 0:
+            exported = EXPORTERS[saved.stage](saved, variables, out.path)
+            files = {name: str(path) for name, path in exported.items()}
+        logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path)
+        # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
+        result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),
+                        files=files, state=variables)
+        result.write(out.path)
+        return result

@@ -1,0 +1,72 @@
+"""The experiment runner: each run once, an interrupted grid resumes, results.md / results.png from the runs."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import TINY_MODEL, TINY_PRETRAIN
+from PIL import Image
+
+from onepfrac_jax import experiments
+from onepfrac_jax.configs import bootstrap as bootstrap_config
+
+_FINETUNE = {"image_size": 16, "data.image_size": 16, "batch_size": 16, "total_steps": 4, "log_every_steps": 2,
+             "checkpoint_every_steps": 2, **TINY_MODEL}
+TINY = experiments.Grid(
+    description="a tiny fdsl grid",
+    budget="4 steps",
+    arms=(experiments.Arm("pre", "configs/finetune.py:digits_demo", (("ViT", "val_top1"),),
+                          overrides=tuple(f"--config.{k}={v}" for k, v in _FINETUNE.items()),
+                          pretrain=("configs/pretrain.py:demo",
+                                    *(f"--config.{k}={v}" for k, v in TINY_PRETRAIN.items()))),),
+)
+
+
+def test_a_grid_runs_each_run_once_resumes_and_tabulates_its_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(experiments.GRIDS, "tiny", TINY)
+    experiments.run_grid("tiny", 2, tmp_path)
+    root = tmp_path / "tiny"
+    results = [json.loads((root / "pre" / f"seed{s}" / "result.json").read_text()) for s in range(2)]
+    finals = [r["val_top1_final"] for r in results]
+    # the table's numbers are the runs' own
+    row = next(line for line in (root / "results.md").read_text().splitlines() if line.startswith("| pre |"))
+    mean, std = np.mean(finals), np.std(finals, ddof=1)
+    assert f"| {mean:.1f} ± {std:.1f} |" in row and " ".join(f"{v:.1f}" for v in finals) in row
+    # both fine-tunes started from the one pre-train
+    for s in range(2):
+        config = json.loads((root / "pre" / f"seed{s}" / "config.json").read_text())
+        assert config["init_from"] == str(root / "pre" / "pretrain") and config["seed"] == s
+    with Image.open(root / "results.png") as png:
+        assert png.size[0] > 300 and png.size[1] > 200
+
+    # again: nothing is re-run
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}
+    capsys.readouterr()
+    experiments.run_grid("tiny", 2, tmp_path)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("result.json")} == stamps
+    assert "running" not in capsys.readouterr().out
+
+    # an interrupted run (no result.json yet) resumes from its checkpoint, to the same result
+    (root / "pre" / "seed1" / "result.json").unlink()
+    experiments.run_grid("tiny", 2, tmp_path)
+    again = json.loads((root / "pre" / "seed1" / "result.json").read_text())
+    assert again["history"] == results[1]["history"]
+    assert re.search(r"running: .*seed1", capsys.readouterr().out)
+
+
+def test_a_failing_run_or_an_unknown_arm_stops_the_grid_with_one_line(tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match=r"no arm \['nope'\] in bootstrap_digits; its arms: \['ViT alone'"):
+        experiments.run_grid("bootstrap_digits", 1, tmp_path, arms=["nope"])
+    monkeypatch.setitem(experiments.GRIDS, "tiny", TINY)
+    with pytest.raises(SystemExit, match=r"the run in .*pretrain failed \(exit 2\); its log: .*pretrain\.log"):
+        experiments.run_grid("tiny", 1, tmp_path, pretrain_extra=("--config.batch_size=0",))
+    assert "batch_size" in (tmp_path / "tiny" / "pre" / "pretrain.log").read_text()
+
+
+def test_every_joint_variant_has_its_lone_baseline():
+    for name in [n for n in bootstrap_config.VARIANTS if n.endswith("_joint")]:
+        joint, alone = (bootstrap_config.get_config(name.removesuffix("_joint") + s) for s in ("_joint", "_alone"))
+        assert (alone.loss.kd_vit, alone.loss.kd_cnn, alone.loss.hint) == (0.0, 0.0, 0.0)
+        alone.loss.update(dict(kd_vit=joint.loss.kd_vit, kd_cnn=joint.loss.kd_cnn, hint=joint.loss.hint))
+        assert alone.to_dict() | {"variant": name} == joint.to_dict()
