@@ -205,7 +205,7 @@ def build_bank(
     """Renders all L classes sharded over `mesh`; classes at or under the fill threshold are re-drawn.
 
     Device d renders, call after call, the rows of its own shard of the bank, so assembling the bank moves no
-    pixels; every call has one of two fixed sizes, so nothing recompiles between calls or re-draw rounds.
+    pixels; every call, re-draws included, has one size, so nothing recompiles between calls or rounds.
     """
     spec.validate()
     mesh = make_data_mesh() if mesh is None else mesh
@@ -226,7 +226,8 @@ def build_bank(
         raise ConfigError(_fail_message(spec, "the unperturbed maps are all singular"))
     # host copies: every process computes the same values, and host data may be put onto a mesh that spans
     # processes (an array already on one device may not)
-    choices = np.asarray(render.choice_sequence(choice_key(spec.seed), probs, spec.num_points - 1))
+    choices = jax.device_put(np.asarray(render.choice_sequence(choice_key(spec.seed), probs, spec.num_points - 1)),
+                             replicated(mesh))  # placed once, read by every call
 
     redraws = np.zeros(spec.num_classes, np.int32)
     start, rendered = time.perf_counter(), 0
@@ -238,8 +239,7 @@ def build_bank(
         safe = np.where(valid, labels, 0)
         params, mask_keys = (np.asarray(a) for a in class_inputs(spec, base, jnp.asarray(safe),
                                                                  jnp.asarray(redraws[safe]), jnp.asarray(valid)))
-        images, ok = renderer(jax.device_put(params, sharded), jax.device_put(choices, replicated(mesh)),
-                              jax.device_put(mask_keys, sharded))
+        images, ok = renderer(jax.device_put(params, sharded), choices, jax.device_put(mask_keys, sharded))
         rendered += int(valid.sum())
         return images, params, _kept_fill(images, ok)
 
@@ -279,7 +279,7 @@ def build_bank(
         calls.append((labels, params, call_fill))
         if (c + 1) % max(1, num_calls // 8) == 0 or c + 1 == num_calls:
             call_fill.block_until_ready()  # count what is rendered, not what is queued
-            progress_line(int((np.concatenate([labels for labels, _, _ in calls]) >= 0).sum()), spec.num_classes)
+            progress_line(rendered, spec.num_classes)
     local = {device: jnp.concatenate(parts)[:rows_per_device] for device, parts in local.items()}
     collect(calls)
     passed = float(np.mean(fill > spec.fill_threshold))
