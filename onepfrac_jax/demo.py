@@ -33,7 +33,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
             print(f"\n== {name} → {root / name}")
             result = stage.run(stage_config, str(root / name), mesh)
         print(f"\nDone. The fractal classes: {root / 'generate' / 'preview.png'}\n"
-              f"Pre-training curves: {root / 'pretrain' / 'curves.png'}\n"
+              f"Pre-training curves (loss, bank_top1): {root / 'pretrain' / 'curves.png'}; its first augmented "
+              f"batch: {root / 'pretrain' / 'augmented_batch.png'}\n"
               f"Fine-tuned timm weights: {root / 'finetune' / 'export'} "
               f"(timm.create_model(**timm.json) + load_state_dict(safetensors))")
         result = dataclasses.replace(result, stage="demo")  # the demo's result is its fine-tune's

@@ -8,13 +8,15 @@ Every run is one `python -m onepfrac_jax.main` process, one at a time, in OUT/GR
 arm shares across seeds in OUT/GRID/ARM/pretrain). A run whose result.json exists is not run again; a run that
 was interrupted resumes from its last checkpoint (the same command re-run finds its config.json); a run that
 fails stops the grid with the path of its log. When every run is done the grid writes OUT/GRID/results.md (mean ±
-std over seeds of the final and the max top-1 of every model, each seed's final, the budget and the command) and
-OUT/GRID/results.png (a bar per arm and model, one dot per seed).
+std over seeds of the final and the max top-1 of every model, each seed's final, the budget and the command),
+OUT/GRID/results.png (a bar per arm and model, one dot per seed) and OUT/GRID/curves.png (every model's held-out
+top-1 over training, one line per arm).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import shlex
@@ -53,11 +55,15 @@ GRIDS = {
     "bootstrap_digits": Grid(
         description="Bootstrapping ViTs on scikit-learn's digits: the ViT alone (the joint config with no KD and "
                     "no hint: the agent trains beside it, untouched), with a separate agent (joint), with an agent "
-                    "built from its own attention weights (shared). Paper's loss weights.",
+                    "built from its own attention weights (shared). The demo variants divide the paper's hint weight "
+                    "by 10 (joint 1, shared 0.5); the 'paper hint' arms restore it (joint 10, shared 5).",
         budget="configs/bootstrap.py:digits_demo_* — 16 epochs of 1,437 digits at 32², batch 64",
         arms=(Arm("ViT alone", "configs/bootstrap.py:digits_demo_alone", _BOOT),
               Arm("joint", "configs/bootstrap.py:digits_demo_joint", _BOOT),
-              Arm("shared", "configs/bootstrap.py:digits_demo_shared", _BOOT)),
+              Arm("shared", "configs/bootstrap.py:digits_demo_shared", _BOOT),
+              Arm("joint, paper hint", "configs/bootstrap.py:digits_demo_joint", _BOOT, ("--config.loss.hint=-1",)),
+              Arm("shared, paper hint", "configs/bootstrap.py:digits_demo_shared", _BOOT,
+                  ("--config.loss.hint=-1",))),
     ),
     "fdsl_digits": Grid(
         description="1p-frac on scikit-learn's digits: the demo ViT fine-tuned from scratch, and after a "
@@ -115,6 +121,8 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
             overrides.append(f"--config.init_from={pre_dir}")
         results = [_run(arm.config, base / f"seed{s}", [f"--config.seed={s}", *overrides]) for s in range(seeds)]
         table[arm.name] = {
+            "runs": [str(base / f"seed{s}") for s in range(seeds)],
+            "keys": dict(arm.metrics),
             "pretrain": {k: v for k, v in (pre or {}).items() if "top1" in k},
             "models": {label: {"final": [r[f"{key}_final"] for r in results],
                                "max": [r[f"{key}_max"] for r in results]} for label, key in arm.metrics},
@@ -150,7 +158,8 @@ def write_results(name: str, grid: Grid, table: dict, root: Path, seeds: int, ar
     lines += ["", "Top-1 in %, on the digits' held-out split; std over seeds (n − 1)."]
     (root / "results.md").write_text("\n".join(lines) + "\n")
     _chart(name, table, root / "results.png")
-    print(f"wrote {root / 'results.md'} and {root / 'results.png'}")
+    _curves(name, table, root / "curves.png")
+    print(f"wrote {root / 'results.md'}, {root / 'results.png'} and {root / 'curves.png'}")
 
 
 def _chart(name: str, table: dict, path: Path) -> None:
@@ -172,6 +181,41 @@ def _chart(name: str, table: dict, path: Path) -> None:
     ax.set_ylabel("final top-1 (%)")
     ax.set_title(name)
     ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def eval_curve(run_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of one eval metric from a run's metrics.csv (rows without an eval skipped)."""
+    with (run_dir / "metrics.csv").open() as f:
+        rows = [(int(r["step"]), float(r[key])) for r in csv.DictReader(f) if r.get(key)]
+    return np.array([s for s, _ in rows]), np.array([v for _, v in rows])
+
+
+def _curves(name: str, table: dict, path: Path) -> None:
+    """Each model's held-out top-1 over training, one line per arm (mean over seeds), one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(label for row in table.values() for label in row["models"]))
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.0 * len(labels), 3.6), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        for arm, row in table.items():
+            if label not in row["keys"]:
+                continue
+            curves = [eval_curve(Path(run), row["keys"][label]) for run in row["runs"]]
+            steps = curves[0][0]
+            values = np.mean([v for _, v in curves], axis=0)  # the seeds of an arm evaluate at the same steps
+            ax.plot(steps, values, label=arm, marker=".", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{label} top-1 (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{name}: held-out top-1 during training (mean over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -21,6 +21,7 @@ from onepfrac_jax.export.agent import agent_to_torch_state_dict, export_agent
 from onepfrac_jax.models.agent import (
     AGENT_PRESETS,
     Agent,
+    AgentBlock,
     ManyHeadConv,
     SharedAgent,
     create_agent,
@@ -121,6 +122,40 @@ def test_bad_configs_fail_with_clear_errors():
         create_agent(input_proj="patchify")
     with pytest.raises(ValueError, match="down_sample_layers"):
         create_agent(depth=2, down_sample_layers=(2,))
+
+
+def test_stem_init_normal_is_the_authors_and_torch_is_pytorchs_default():
+    fan_in = 16 * 16 * 3
+    x = _images(size=64)
+    kernels = {}
+    for stem_init in ("normal", "torch"):
+        model = create_agent("agent_small", **SMALL, stem_init=stem_init)
+        params = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), x)["params"]
+        kernels[stem_init] = np.asarray(params["stem"]["proj"]["kernel"])
+    assert abs(kernels["normal"].std() - 1.0) < 0.05
+    assert 0.95 / np.sqrt(fan_in) < np.abs(kernels["torch"]).max() <= 1 / np.sqrt(fan_in)
+    with pytest.raises(ValueError, match=r"stem_init must be one of \('normal', 'torch'\), got 'xavier'"):
+        create_agent(stem_init="xavier")
+
+
+def test_residual_dropout_drops_each_branch_output_and_rescales_the_rest():
+    """With the MLP branch silenced, block output − input is the conv branch: each element dropped, or kept and
+    scaled by 1/(1 − r); in eval mode the rate changes nothing."""
+    rate = 0.5
+    x = _images(n=4, size=8)
+    block = AgentBlock(6, "conv_sl", residual_dropout=rate)
+    variables = _variables(block, x)
+    mlp = variables["params"]["mlp"]
+    variables["params"]["mlp"] = {**mlp, "fc2": jax.tree.map(jnp.zeros_like, mlp["fc2"])}
+    kw = dict(train=True, mutable=["batch_stats"])
+    branch = np.asarray(_apply(block.clone(residual_dropout=0.0), variables, x, **kw)[0] - x)
+    dropped = np.asarray(_apply(block, variables, x, rngs={"dropout": jax.random.key(3)}, **kw)[0] - x)
+    kept = dropped != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(dropped[kept], branch[kept] / (1 - rate), rtol=1e-4, atol=1e-5)
+    eval_kw = dict(train=False)
+    np.testing.assert_array_equal(_apply(block, variables, x, **eval_kw),
+                                  _apply(block.clone(residual_dropout=0.0), variables, x, **eval_kw))
 
 
 # --------------------------------------------------------------------------------------- many-head conv

@@ -39,6 +39,11 @@ def test_a_grid_runs_each_run_once_resumes_and_tabulates_its_runs(tmp_path, monk
         assert config["init_from"] == str(root / "pre" / "pretrain") and config["seed"] == s
     with Image.open(root / "results.png") as png:
         assert png.size[0] > 300 and png.size[1] > 200
+    # the curves chart reads each run's eval rows: they end at its final top-1
+    steps, values = experiments.eval_curve(root / "pre" / "seed0", "val_top1")
+    assert steps[-1] == results[0]["total_steps"] and values[-1] == pytest.approx(finals[0], abs=1e-3)
+    with Image.open(root / "curves.png") as png:
+        assert png.size[0] > 300 and png.size[1] > 200
 
     # again: nothing is re-run
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}

@@ -1,4 +1,5 @@
-"""The export stage: any kept checkpoint of a run → what the run writes to export/, while it trains, from any topology.
+"""The export stage: any kept checkpoint of a run → WORKDIR/export/, what the run writes to its export/, while it
+trains, from any topology; the folder loads in one line with timm's `local-dir:`.
 
 One reference pre-train (a subprocess, as main.py runs it) serves every test but the 2-process one; the test that
 exports while a run trains starts a twin of it and compares the two at the end.
@@ -28,7 +29,7 @@ from onepfrac_jax.configs import export as export_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
 from onepfrac_jax.export import stage
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import bootstrap, classify
+from onepfrac_jax.train import bootstrap, classify, finetune
 from onepfrac_jax.train.checkpoint import load_variables, read_checkpoint
 
 # 120 steps, a checkpoint every 4, the last 2 kept: seconds of training during which checkpoints appear and vanish;
@@ -36,7 +37,7 @@ from onepfrac_jax.train.checkpoint import load_variables, read_checkpoint
 RUN = {**TINY_PRETRAIN, "total_steps": 120, "checkpoint_every_steps": 4, "keep_checkpoints": 2,
        "log_every_steps": 10, "optim.min_lr": 1e-3}
 KEPT = [116, 120]
-EXPORT_FILES = ["model.pth", "model.safetensors", "timm.json"]
+EXPORT_FILES = ["config.json", "model.pth", "model.safetensors", "timm.json"]
 TIMEOUT = 300
 
 
@@ -110,6 +111,11 @@ def timm_net(export_dir: Path) -> torch.nn.Module:
     return net
 
 
+def local_dir_net(export_dir: Path) -> torch.nn.Module:
+    """The exported ViT as timm loads a Hub folder, in one line (config.json + model.safetensors, strict keys)."""
+    return timm.create_model(f"local-dir:{export_dir}", pretrained=True).eval()
+
+
 def timm_logits(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         return net(torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)).numpy()
@@ -125,6 +131,7 @@ def test_exporting_while_the_run_trains_leaves_its_result_bitwise_unchanged(refe
         result = export(twin.workdir, tmp_path / f"out_{len(exports)}")
         exports.append((result.step, twin.proc.poll() is None))
         safetensors.numpy.load_file(result.files["safetensors"])  # whole: no torn checkpoint was read
+        assert Path(result.files["safetensors"]).parent == tmp_path / f"out_{len(exports) - 1}" / "export"
     during = [step for step, training in exports if training]
     # the run held its lock throughout and was neither blocked nor refused: it ran to its end, exit 0
     assert len(during) >= 2 and during == sorted(during), exports
@@ -149,23 +156,26 @@ def test_an_intermediate_step_loads_in_timm_with_that_steps_logits(reference, tm
     mid, last = export(source, tmp_path / "mid", step=KEPT[0]), export(source, tmp_path / "last")
     assert (mid.step, last.step) == (KEPT[0], KEPT[1])
     assert snapshot(source) == before  # never writes into the run
-    # the latest step's export is exactly what the run wrote to export/, beside the stage's own two files
-    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == sorted([*EXPORT_FILES, "config.json",
-                                                                             "result.json"])
-    assert same_bytes(tmp_path / "last", source / "export", EXPORT_FILES)
-    assert set(mid.files) == {"safetensors", "pth", "json"}
+    # the latest step's export/ is exactly what the run wrote to its export/, beside the stage's own two files
+    assert sorted(p.name for p in (tmp_path / "last").iterdir()) == ["config.json", "export", "result.json"]
+    assert sorted(p.name for p in (tmp_path / "last" / "export").iterdir()) == EXPORT_FILES
+    assert same_bytes(tmp_path / "last" / "export", source / "export", EXPORT_FILES)
+    assert set(mid.files) == {"safetensors", "config", "pth", "json"}
+    # the workdir is a run directory with an export/, so it serves as a fine-tune's init_from like a run
+    assert finetune.init_weights_path(str(tmp_path / "mid")) == tmp_path / "mid" / "export" / "model.safetensors"
 
     images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3), dtype=np.uint8)
     ours = inference.load(source, step=KEPT[0])(images)
     x = eval_transform(augment_config(inference.run_config(source).augment), jnp.asarray(images))
-    np.testing.assert_allclose(timm_logits(timm_net(tmp_path / "mid"), x), ours, rtol=0, atol=1e-4)
+    for load in (timm_net, local_dir_net):
+        np.testing.assert_allclose(timm_logits(load(tmp_path / "mid" / "export"), x), ours, rtol=0, atol=1e-4)
     assert np.abs(ours).max() > 0.1
     # ... and they are not the final step's
     final = inference.load(source)(images)
-    np.testing.assert_allclose(timm_logits(timm_net(tmp_path / "last"), x), final, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(timm_logits(local_dir_net(tmp_path / "last" / "export"), x), final, rtol=0, atol=1e-4)
     assert np.abs(final - ours).max() > 1e-3
-    a = safetensors.numpy.load_file(tmp_path / "mid" / "model.safetensors")
-    b = safetensors.numpy.load_file(tmp_path / "last" / "model.safetensors")
+    a = safetensors.numpy.load_file(tmp_path / "mid" / "export" / "model.safetensors")
+    b = safetensors.numpy.load_file(tmp_path / "last" / "export" / "model.safetensors")
     assert a.keys() == b.keys() and any(np.abs(a[k] - b[k]).max() > 1e-4 for k in a)
 
 
@@ -228,11 +238,17 @@ def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(tmp_path)
     source = tmp_path / "run"
     bootstrap.run(c, str(source), make_data_mesh(jax.devices()[:1]))
     last, first = export(source, tmp_path / "last"), export(source, tmp_path / "first", step=1)
-    assert set(last.files) == {"safetensors", "pth", "json", "agent"}
-    assert same_bytes(tmp_path / "last", source / "export", ["agent.pth", *EXPORT_FILES])
+    assert set(last.files) == {"safetensors", "config", "pth", "json", "agent"}
+    assert same_bytes(tmp_path / "last" / "export", source / "export", ["agent.pth", *EXPORT_FILES])
     # agent.safetensors: the same tensors and metadata (safetensors orders its metadata keys at random, so not bytes)
-    assert agent_file(tmp_path / "last") == agent_file(source / "export")
-    assert agent_file(tmp_path / "first")[1] != agent_file(source / "export")[1]
+    assert agent_file(tmp_path / "last" / "export") == agent_file(source / "export")
+    assert agent_file(tmp_path / "first" / "export")[1] != agent_file(source / "export")[1]
+    # the ViT loads in one line from timm's local-dir: and gives the run's ViT logits
+    x = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    vit, _ = bootstrap.build_models(c, 10)
+    ours = vit.apply({"params": load_variables(source)["params"]["vit"]}, jnp.asarray(x))
+    assert np.abs(ours).max() > 0.1
+    np.testing.assert_allclose(timm_logits(local_dir_net(source / "export"), x), ours, rtol=0, atol=1e-4)
     # the evaluations saved with the checkpoint, up to the exported step
     assert [row["step"] for row in last.history] == [2] and first.history == []
     with pytest.raises(ConfigError, match="'bootstrap' run"):  # inference serves only the ViT stages
@@ -255,8 +271,8 @@ def test_a_checkpoint_of_2_processes_of_2_devices_exports_on_1_process(tmp_path)
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "process 0 of 1: 1 local devices" in result.stderr
-    assert same_bytes(tmp_path / "out_4", source / "export", EXPORT_FILES)  # what its process 0 wrote at the end
+    assert same_bytes(tmp_path / "out_4" / "export", source / "export", EXPORT_FILES)  # its process 0's, at the end
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     params = load_variables(source, 2)["params"]
     ours = classify.build_vit(inference.run_config(source), 8).apply({"params": params}, jnp.asarray(x))
-    np.testing.assert_allclose(timm_logits(timm_net(tmp_path / "out_2"), x), ours, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(timm_logits(timm_net(tmp_path / "out_2" / "export"), x), ours, rtol=0, atol=1e-4)

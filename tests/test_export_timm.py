@@ -1,4 +1,5 @@
-"""Flax ViT ⇄ timm: numerics against real timm, exact round trips, the export directory, import errors."""
+"""Flax ViT ⇄ timm: numerics against real timm, exact round trips, the export directory (one-line `local-dir:`
+loading in real timm), import errors."""
 
 import argparse
 import json
@@ -12,11 +13,12 @@ import safetensors.torch
 import timm
 import torch
 
-from onepfrac_jax.export.timm import export_vit, flax_to_timm_state_dict, load_timm_weights, timm_config
+from onepfrac_jax.export.timm import export_vit, flax_to_timm_state_dict, hub_config, load_timm_weights, timm_config
 from onepfrac_jax.models import ViT, create_vit
 from onepfrac_jax.models.vit import init_head
 
 TINY = create_vit("vit_tiny_patch16_224")
+TINY_32 = create_vit("vit_tiny_patch16_224", img_size=32, num_classes=7)
 # A hidden width whose plain ratio 369/90 does not survive timm's int(dim * mlp_ratio).
 FREE = create_vit(img_size=64, patch_size=8, embed_dim=90, depth=3, num_heads=3, mlp_dim=369, num_classes=10)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -80,13 +82,24 @@ def test_config_names_and_mlp_ratio():
     assert int(90 * free["kwargs"]["mlp_ratio"]) == 369
     with pytest.raises(ValueError, match="3 channel values"):
         timm_config(FREE, (0.5,), STD)
+    # config.json: a timm name's own dimensions are not repeated; its image size is, when not 224
+    assert "model_args" not in hub_config(TINY, MEAN, STD) and hub_config(TINY, MEAN, STD)["num_classes"] == 1000
+    assert hub_config(TINY_32, MEAN, STD)["model_args"] == {"img_size": 32}
+    free = hub_config(FREE, MEAN, STD, interpolation="bilinear", crop_pct=0.9)
+    assert free["architecture"] == "vit_base_patch16_224" and int(90 * free["model_args"]["mlp_ratio"]) == 369
+    assert free["model_args"] == {"img_size": 64, "patch_size": 8, "embed_dim": 90, "depth": 3, "num_heads": 3,
+                                  "mlp_ratio": free["model_args"]["mlp_ratio"]}
+    assert free["pretrained_cfg"]["interpolation"] == "bilinear" and free["pretrained_cfg"]["crop_pct"] == 0.9
+    assert "interpolation" not in hub_config(FREE, MEAN, STD)["pretrained_cfg"]  # not given: timm's default
+    with pytest.raises(ValueError, match="3 channel values"):
+        hub_config(FREE, MEAN, (0.5, 0.5))
 
 
 def test_export_dir_loads_strictly_in_timm(tmp_path, free_timm):
     params = load_timm_weights(_numpy_sd(free_timm), FREE)
     paths = export_vit(params, FREE, tmp_path / "export", MEAN, STD)
-    assert sorted(p.name for p in paths.values()) == ["model.pth", "model.safetensors", "timm.json"]
-    assert len(list((tmp_path / "export").iterdir())) == 3
+    assert sorted(p.name for p in paths.values()) == ["config.json", "model.pth", "model.safetensors", "timm.json"]
+    assert len(list((tmp_path / "export").iterdir())) == 4
     cfg = json.loads(paths["json"].read_text())
     assert cfg["mean"] == list(MEAN) and cfg["std"] == list(STD)
     x = _images(FREE)
@@ -108,13 +121,43 @@ def test_export_dir_loads_strictly_in_timm(tmp_path, free_timm):
     export_vit(params, FREE, tmp_path / "export", MEAN, STD, overwrite=True)
 
 
+def _random_params(model: ViT, seed: int = 1) -> dict:
+    """Params of `model` far from its init (LayerNorm affines and biases too), so every tensor moves the logits."""
+    params = model.init(jax.random.key(seed), np.zeros((1, model.img_size, model.img_size, 3), np.float32))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
+
+
+@pytest.mark.parametrize("model", [TINY, TINY_32, FREE], ids=["vit_tiny_patch16_224", "vit_tiny_32px", "free_dims"])
+def test_export_dir_loads_in_one_line_with_timm_local_dir(tmp_path, model):
+    params = _random_params(model)
+    export_vit(params, model, tmp_path, MEAN, STD, interpolation="bilinear", crop_pct=1.0)
+    net = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()  # strict keys: every tensor loaded
+    x = _images(model)
+    expected = _flax_logits(model, params, x)
+    assert np.abs(expected).max() > 0.5
+    np.testing.assert_allclose(_timm_logits(net, x), expected, rtol=0, atol=1e-4)
+    assert type(net).__name__ == "VisionTransformer" and net.num_classes == model.num_classes
+    assert net.blocks[0].mlp.fc1.out_features == model.mlp_dim and len(net.blocks) == model.depth
+    # timm's data pipeline finds the run's normalisation, input size and eval resize
+    data_cfg = timm.data.resolve_data_config({}, model=net)
+    assert tuple(data_cfg["mean"]) == MEAN and tuple(data_cfg["std"]) == STD
+    assert tuple(data_cfg["input_size"]) == (3, model.img_size, model.img_size)
+    assert data_cfg["interpolation"] == "bilinear" and data_cfg["crop_pct"] == 1.0
+    # another class count: timm drops the head on load and keeps the rest
+    three = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, num_classes=3).eval()
+    assert three.head.out_features == 3
+    sd, sd3 = net.state_dict(), three.state_dict()
+    assert all(torch.equal(sd[k], sd3[k]) for k in sd if not k.startswith("head."))
+
+
 def test_export_without_torch_writes_safetensors_and_json(tmp_path, monkeypatch, free_timm):
     params = load_timm_weights(_numpy_sd(free_timm), FREE)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
     with pytest.warns(UserWarning, match="no model.pth"):
         paths = export_vit(params, FREE, tmp_path, MEAN, STD)
-    assert set(paths) == {"safetensors", "json"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "timm.json"]
+    assert set(paths) == {"safetensors", "config", "json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "timm.json"]
 
 
 def test_wrapped_checkpoint_with_training_args_imports(tmp_path, free_timm):
@@ -183,10 +226,12 @@ def test_mismatched_keys_are_summarised_in_one_line(free_timm):
         message)
 
 
-def test_other_patch_grid_is_a_clear_error(free_timm):
-    message = _one_line_error(_numpy_sd(free_timm), FREE.clone(img_size=32))
-    assert "wrong shape (1): pos_embed checkpoint (1, 65, 90) vs model (1, 17, 90); pos_embed holds another " \
-           "patch grid" in message
+def test_other_patch_size_is_a_clear_error(free_timm):
+    message = _one_line_error(_numpy_sd(free_timm), FREE.clone(patch_size=16))
+    assert "wrong shape (1): patch_embed.proj.weight checkpoint (90, 3, 8, 8) vs model (90, 3, 16, 16); the " \
+           "checkpoint's patches are 8×8: build the ViT with patch_size=8 (positions are resampled" in message
+    # the 8×8 grid of 8-px patches was resampled to the 4×4 of 16-px ones: only the patch kernel is named
+    assert "pos_embed" not in message
 
 
 def test_integer_weights_are_refused_not_cast(tmp_path, free_timm):

@@ -63,8 +63,8 @@ def test_run_directory_holds_what_it_promises(pretrained):
     assert {"config.json", "checkpoints", "tensorboard", "metrics.csv", "curves.png", "export"} <= names
     header = (pretrained / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["step", "loss", "lr", "images_per_s"]
-    assert sorted(p.name for p in (pretrained / "export").iterdir()) == ["model.pth", "model.safetensors",
-                                                                          "timm.json"]
+    assert sorted(p.name for p in (pretrained / "export").iterdir()) == ["config.json", "model.pth",
+                                                                          "model.safetensors", "timm.json"]
     meta = json.loads((pretrained / "export" / "timm.json").read_text())
     assert meta["kwargs"]["img_size"] == 16 and meta["kwargs"]["num_classes"] == 8
     assert meta["mean"] == [0.5, 0.5, 0.5]

@@ -137,6 +137,34 @@ def test_weight_decay_spares_biases_norms_positions_and_the_cls_token():
     assert not mask["pos_embed"] and not mask["cls_token"] and not any(mask["blocks_0"]["norm1"].values())
 
 
+def test_per_epoch_schedule_holds_each_epochs_first_value():
+    """PyTorch's CosineAnnealingLR stepped after every epoch: lr_min + (lr − lr_min)(1 + cos(π e / E)) / 2."""
+    c = optim.default_optim_config()
+    c.update(dict(lr=1e-3, min_lr=0.0, warmup_epochs=0.0, scale_lr=False, per_epoch=True))
+    epochs, per_epoch = 8, 5
+    lr = optim.schedule(c, total_steps=epochs * per_epoch, steps_per_epoch=per_epoch, global_batch=64)
+    for e in range(epochs):
+        want = 1e-3 * (1 + np.cos(np.pi * e / epochs)) / 2
+        got = [float(lr(e * per_epoch + i)) for i in range(per_epoch)]
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-9)
+    c.per_epoch = False
+    assert float(optim.schedule(c, epochs * per_epoch, per_epoch, 64)(1)) < 1e-3  # per step: already lower
+
+
+def test_decay_all_decays_every_parameter_as_torch_adamw():
+    params = {"pos_embed": jnp.ones((1, 2, 4)), "w": {"kernel": jnp.ones((4, 3)), "bias": jnp.ones(3)}}
+    c = optim.default_optim_config()
+    c.update(dict(weight_decay=0.5))
+    zero_grads = jax.tree.map(jnp.zeros_like, params)
+    for decay_all, decayed in ((False, {"w/kernel"}), (True, {"w/kernel", "w/bias", "pos_embed"})):
+        c.decay_all = decay_all
+        tx = optim.make_optimizer(c, optax.constant_schedule(0.1))
+        updates, _ = tx.update(zero_grads, tx.init(params), params)
+        moved = {"/".join(getattr(k, "key", str(k)) for k in path)
+                 for path, u in jax.tree_util.tree_flatten_with_path(updates)[0] if float(jnp.abs(u).max()) > 0}
+        assert moved == decayed
+
+
 def test_saved_config_is_the_resolved_config(tmp_path):
     config = toy_config()
     run(toy_task(lambda w, step: w**2), config, tmp_path / "run")

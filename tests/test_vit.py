@@ -51,6 +51,33 @@ def test_init_follows_timm():
     assert 0.9 / np.sqrt(fan_in) < float(jnp.abs(kernel).max()) <= 1 / np.sqrt(fan_in)
 
 
+def test_xavier_and_bootstrap_inits_follow_the_authors_code():
+    """'xavier': torch's xavier_uniform_ bounds on every attention/MLP matrix (the fused qkv as one (3D, D)
+    matrix); 'bootstrap' adds the authors' MLP biases N(1e-6, 1), N(0, 1) patch projection, N(0, .02) cls token
+    and PyTorch's default Linear head."""
+    dim, hidden = 48, 96
+    bounds = {"attn/qkv": np.sqrt(6 / (dim + 3 * dim)), "attn/proj": np.sqrt(6 / (2 * dim)),
+              "mlp/fc1": np.sqrt(6 / (dim + hidden)), "mlp/fc2": np.sqrt(6 / (hidden + dim))}
+    params = {init: jax.jit(create_vit(**{**SMALL, "depth": 1}, init_scheme=init).init)(
+        jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"] for init in ("xavier", "bootstrap")}
+    for init, p in params.items():
+        layer = traverse_util.flatten_dict(p["blocks_0"], sep="/")
+        for dense, bound in bounds.items():
+            kernel = np.asarray(layer[f"{dense}/kernel"])
+            assert 0.95 * bound < np.abs(kernel).max() <= bound  # uniform on ±bound: its std is bound/√3
+            assert abs(kernel.std() - bound / np.sqrt(3)) < 0.1 * bound / np.sqrt(3)
+        mlp_bias_std = float(np.concatenate([layer["mlp/fc1/bias"], layer["mlp/fc2/bias"]]).std())
+        assert (mlp_bias_std == 0) if init == "xavier" else (0.8 < mlp_bias_std < 1.2)
+        assert not layer["attn/qkv/bias"].any() and not layer["attn/proj/bias"].any()
+    boot = params["bootstrap"]
+    assert 0.9 < float(boot["patch_embed"]["proj"]["kernel"].std()) < 1.1
+    assert 0.015 < float(boot["cls_token"].std()) < 0.025
+    bound = 1 / np.sqrt(dim)
+    for leaf in boot["head"].values():
+        assert 0.8 * bound < float(jnp.abs(leaf).max()) <= bound
+    assert params["xavier"]["patch_embed"]["proj"]["kernel"].std() < 0.1  # timm's patch init is kept
+
+
 def test_vit_tiny_matches_timm_parameter_count_and_layout():
     shapes = _shapes(create_vit("vit_tiny_patch16_224"))
     assert sum(int(np.prod(s)) for s in shapes.values()) == 5_717_416
@@ -98,6 +125,8 @@ def test_invalid_configurations_raise_clear_errors():
         create_vit(remat="yes")
     with pytest.raises(ValueError, match=r"ViT\.attention_impl"):
         create_vit(attention_impl="flash")
+    with pytest.raises(ValueError, match=r"ViT\.init_scheme must be one of timm, xavier, bootstrap, got 'lecun'"):
+        create_vit(init_scheme="lecun")
 
 
 def test_forward_outputs(small):

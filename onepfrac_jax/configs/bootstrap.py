@@ -40,6 +40,9 @@ _BASE = {"model": "vit_base_bootstrap", "dropout": 0.0, "agent.preset": "agent_b
 _DEMO = {"data.name": "digits", "data.image_size": 32, "data.eval_split": "val", "image_size": 32, "patch_size": 8,
          "embed_dim": 96, "depth": 4, "num_heads": 6, "mlp_dim": 384, "dropout": 0.0,
          "agent.embed_dim": 96, "agent.depth": 4, "agent.num_heads": 6, "num_epochs": 16.0,
+         # At this budget the authors' init starves the shared agent (README "Bootstrapping at CPU scale"): its
+         # N(0, 1) stem swamps the blocks computed from the ViT, so the agent is little more than stem + head.
+         "vit_init": "xavier", "agent.stem_init": "torch",
          "augment.hflip": 0.0, "augment.mean": (0.5, 0.5, 0.5), "augment.std": (0.5, 0.5, 0.5),
          "log_every_steps": 22, "checkpoint_every_steps": 176}
 
@@ -52,8 +55,10 @@ VARIANTS = {
                          "data.eval_split": "val", "data.fraction": 0.1, "augment.crop": "rrc",
                          "augment.scale": (0.6, 1.0), "augment.crop_pct": 224 / 256,
                          "augment.mean": IMAGENET_MEAN, "augment.std": IMAGENET_STD},
-    "digits_demo_joint": {**_SMALL, **_DEMO, "mode": "joint"},
-    "digits_demo_shared": {**_SMALL, **_DEMO, "mode": "shared"},
+    # The paper's hint weight ÷ 10: at the demo's 352 steps the full weight holds the ViT to the agent's features
+    # for most of training (README "Bootstrapping at CPU scale"); `--config.loss.hint=-1` restores it.
+    "digits_demo_joint": {**_SMALL, **_DEMO, "mode": "joint", "loss.hint": 1.0},
+    "digits_demo_shared": {**_SMALL, **_DEMO, "mode": "shared", "loss.hint": 0.5},
 }
 # The lone baselines: each joint variant with no KD and no hint, so the ViT trains alone on identical settings
 # (init, data, augmentation, budget) while its agent trains beside it, untouched: "alone vs joint vs shared" are
@@ -72,6 +77,8 @@ def agent_config() -> ml_collections.ConfigDict:
     a.patch_size = -1  # vit_like input projection; -1 takes the ViT's patch size
     a.dropout = -1.0  # MLP dropout; -1: 0.1 in joint mode (the authors' agents), the ViT's dropout in shared mode
     a.down_sample_layers = ()  # 2×2 average pool after these blocks
+    a.stem_init = "normal"  # vit_like stem: 'normal' N(0, 1) (the authors'), 'torch' PyTorch's U(±1/√fan_in)
+    a.residual_dropout = -1.0  # on each block branch; -1: the ViT's dropout in shared mode (the authors'), 0 joint
     return a
 
 
@@ -94,12 +101,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     loop.default_train_config(c)
     classify.add_model_fields(c, "vit_small_bootstrap")
     c.drop_path = 0.0  # the authors' ViTs have no stochastic depth
+    c.vit_init = "bootstrap"  # ViT init: 'bootstrap' (the authors' code), 'xavier' (its matrices only), 'timm'
     c.image_size = 224
     c.agent = agent_config()
     c.loss = loss_config()
     c.batch_size = 64
     c.num_epochs = 240.0
-    c.optim.update(dict(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0.0, min_lr=0.0, scale_lr=False))
+    # The authors' PyTorch AdamW decays every parameter; their cosine steps once per epoch.
+    c.optim.update(dict(name="adamw", lr=1e-3, weight_decay=0.05, warmup_epochs=0.0, min_lr=0.0, scale_lr=False,
+                        decay_all=True, per_epoch=True))
     c.log_every_steps = 50
     c.checkpoint_every_steps = 2000
     c.data = data_config("tfds:cifar100", 32, "test")

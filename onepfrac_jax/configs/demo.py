@@ -3,7 +3,8 @@
   python main.py --config configs/demo.py --workdir runs/demo
 
 Writes runs/demo/generate (64 fractal classes + preview.png), runs/demo/pretrain (a 4-block ViT pre-trained on
-them for 300 steps), runs/demo/finetune (that ViT fine-tuned on scikit-learn's digits; prints val top-1) and
+the same classes, rendered at 32², for 300 steps: bank_top1 reaches 100%; augmented_batch.png),
+runs/demo/finetune (that ViT fine-tuned on scikit-learn's digits; prints val top-1) and
 the timm-loadable weights in runs/demo/finetune/export. Each sub-run is the stage's `demo` config variant.
 """
 

@@ -4,11 +4,12 @@
   python main.py --config configs/export.py --workdir runs/pt-200k --config.run=runs/pretrain-vit-tiny \
       --config.step=200000                                      # any step in RUN/checkpoints/
 
-Writes into workdir what the run writes to RUN/export/ when it finishes — model.safetensors, model.pth and
-timm.json (the ViT for timm), and for a bootstrap run agent.safetensors / agent.pth — plus config.json and
-result.json (the exported step and the run's evaluations up to it). It reads the checkpoint on one CPU process
-whatever topology saved it, never writes into RUN and takes no lock there. A step that is not kept is one error
-listing the kept steps.
+Writes into WORKDIR/export/ what the run writes to RUN/export/ when it finishes — model.safetensors + config.json
+(the Hub layout: timm.create_model("local-dir:WORKDIR/export", pretrained=True)), model.pth and timm.json, and for a
+bootstrap run agent.safetensors / agent.pth — and beside it the stage's config.json and result.json (the exported
+step and the run's evaluations up to it); WORKDIR then serves as an init_from like a run. It reads the checkpoint
+on one CPU process whatever topology saved it, never writes into RUN and takes no lock there. A step that is not
+kept is one error listing the kept steps.
 """
 
 import ml_collections

@@ -6,12 +6,17 @@
       --config.data.data_dir=/data/x --config.init_from=pretrain_deit_tiny_1p-frac.pth   # the authors' weights
   python main.py --config configs/finetune.py:digits_demo --workdir runs/demo/finetune \
       --config.init_from=runs/demo/pretrain                                                # minutes on a CPU
+  python main.py --config configs/finetune.py:digits_demo_64 --workdir runs/demo/finetune-64 \
+      --config.init_from=runs/demo/pretrain                      # the 32-px pre-train fine-tuned at 64 px
 
 cifar100: the 1p-frac fine-tuning recipe — SGD momentum 0.9, lr 0.01 × batch/512, weight decay 1e-4, cosine with
 10 warm-up epochs, batch 768, RandAugment + mixup/cutmix + label smoothing 0.1 + random erasing 0.25, images
 resized to 224. The paper reports ViT-Ti top-1 84.2% from 1p-frac, 64.2% from scratch; this stage prints the max
-and final val top-1. `init_from` takes a run directory (its export/), a .safetensors, or a .pth holding a timm
-state dict or {'model': state_dict}; the head is replaced when the class count differs.
+and final val top-1. `init_from` takes a run directory (its export/), an export folder, a .safetensors, or a .pth
+holding a timm state dict or {'model': state_dict}; the head is replaced when the class count differs. Weights of
+another image size (patch grid) load into a ViT of `image_size`: their position embeddings are resampled as timm
+does (bicubic, antialiased, class token kept), up or down, and the log says so; digits_demo_64 fine-tunes the 32-px
+demo pre-train (4×4 patches) at 64 px (8×8).
 """
 
 import ml_collections
@@ -45,14 +50,15 @@ def recipe_augment(size: int) -> ml_collections.ConfigDict:
     return a
 
 
-VARIANTS = ("cifar100", "imagefolder", "digits_demo")
+VARIANTS = ("cifar100", "imagefolder", "digits_demo", "digits_demo_64")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c = new_config("finetune", variant, tuple(VARIANTS), "cifar100")
     loop.default_train_config(c)
     classify.add_model_fields(c, "vit_tiny_patch16_224")
-    c.init_from = ""  # '' (scratch), a run directory, or a .safetensors / .pth weights file
+    # '' (scratch), a run directory, an export folder (model.safetensors + config.json), or a .safetensors / .pth file
+    c.init_from = ""
     c.image_size = 224
     c.optim.name = "sgd"
     c.optim.lr = 0.01
@@ -69,7 +75,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.augment = recipe_augment(224)
     if c.variant == "imagefolder":
         c.data = data_config("imagefolder", 256, "val")
-    elif c.variant == "digits_demo":
+    elif c.variant in ("digits_demo", "digits_demo_64"):
         # scikit-learn's bundled 8×8 digits upsampled to 32²; the demo ViT of configs/pretrain.py:demo.
         c.data = data_config("digits", 32, "val")
         c.image_size = 32
@@ -82,5 +88,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
                               mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)))
         c.log_every_steps = 22
         c.checkpoint_every_steps = 100
+        if c.variant == "digits_demo_64":
+            c.image_size = 64  # the digits, decoded at 32², upsampled by the crop
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size
     return c

@@ -1,5 +1,8 @@
-"""The export stage: a run's checkpoint at any kept step → exactly what the run writes to export/ when it finishes.
+"""The export stage: a run's checkpoint at any kept step → WORKDIR/export/, exactly what the run writes to its own
+export/ when it finishes (a folder `timm.create_model("local-dir:WORKDIR/export", pretrained=True)` loads).
 
+The folder sits beside the stage's own config.json and result.json, as in a training run's directory (timm reads
+export/config.json, the Hub's; a run's config.json is this project's), so WORKDIR also serves as an `init_from`.
 It reads the checkpoint read-only onto host arrays (train/checkpoint.read_checkpoint: only finalised steps, any
 saving topology, no lock), so a run still training is neither blocked nor changed, and calls the very export
 function the run's own end calls (`export_checkpoint` of classify or bootstrap).
@@ -52,9 +55,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         out.begin()  # an overwrite clears the earlier export here
         files = {}
         if jax.process_index() == 0:
-            exported = EXPORTERS[saved.stage](saved, variables, out.path)
+            exported = EXPORTERS[saved.stage](saved, variables, out.path / "export")
             files = {name: str(path) for name, path in exported.items()}
-        logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path)
+        logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path / "export")
         # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
         result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),
                         files=files, state=variables)

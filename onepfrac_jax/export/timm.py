@@ -1,8 +1,11 @@
-"""Flax `ViT` ⇄ timm `VisionTransformer` weights.
+"""Flax `ViT` ⇄ timm `VisionTransformer` weights, and the export folder timm and the Hugging Face Hub read.
 
 The ViT is built in timm's layout, so conversion is a renaming plus two transposes:
 Dense kernels (in, out) ↔ Linear weights (out, in), and the patch conv kernel (p, p, 3, D) ↔ (D, 3, p, p).
-Positional embeddings are never resized: a checkpoint whose patch grid differs from the model's is an error.
+A checkpoint of another patch grid (another image size) has its position embeddings resampled on load, as timm's
+`resample_abs_pos_embed` does by default: the class token kept, the g × g grid resized bicubically with
+antialiasing (up or down); another patch size is an error. `export_vit` writes the Hub layout (`config.json` +
+`model.safetensors`), which `timm.create_model("local-dir:DIR", pretrained=True)` loads in one line.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import safetensors.numpy
 from flax import traverse_util
 
 from onepfrac_jax.config import first_few
+from onepfrac_jax.data.augment import resample_matrix
 from onepfrac_jax.models.vit import ViT, init_head
 
 log = logging.getLogger(__name__)
@@ -42,8 +46,10 @@ _TIMM_ARCHS = {
     (16, 1024, 24, 16, 4096): "vit_large_patch16_224",
     (32, 1024, 24, 16, 4096): "vit_large_patch32_224",
 }
-_FALLBACK_ARCH = "vit_base_patch16_224"  # every dimension is overridden by the kwargs anyway
+_FALLBACK_ARCH = "vit_base_patch16_224"  # every dimension is overridden (timm.json kwargs, config.json model_args)
+_TIMM_IMG_SIZE = 224  # the image size of every architecture above
 _HEAD_KEYS = ("head.weight", "head.bias")
+_PREFIX_TOKENS = 1  # the class token, ahead of the grid's positions
 
 
 def _describe(model: ViT) -> str:
@@ -111,21 +117,31 @@ def _mlp_ratio(embed_dim: int, mlp_dim: int) -> float:
     return ratio
 
 
-def timm_config(model: ViT, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
-    """The `timm.json` content: `timm.create_model(cfg['model_name'], **cfg['kwargs'])` rebuilds `model`."""
+def _channels(mean: Sequence[float], std: Sequence[float]) -> tuple[list[float], list[float]]:
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 channel values, got mean={mean}, std={std}")
-    mean, std = [float(m) for m in mean], [float(s) for s in std]
-    key = (model.patch_size, model.embed_dim, model.depth, model.num_heads, model.mlp_dim)
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def _timm_arch(model: ViT) -> str | None:
+    """The timm architecture of `model`'s block structure, or None when no timm name has its dimensions."""
+    return _TIMM_ARCHS.get((model.patch_size, model.embed_dim, model.depth, model.num_heads, model.mlp_dim))
+
+
+def _dims(model: ViT) -> dict[str, Any]:
+    """The timm `VisionTransformer` arguments fixing `model`'s shapes."""
+    return {"img_size": model.img_size, "patch_size": model.patch_size, "embed_dim": model.embed_dim,
+            "depth": model.depth, "num_heads": model.num_heads,
+            "mlp_ratio": _mlp_ratio(model.embed_dim, model.mlp_dim)}
+
+
+def timm_config(model: ViT, mean: Sequence[float], std: Sequence[float]) -> dict[str, Any]:
+    """The `timm.json` content: `timm.create_model(cfg['model_name'], **cfg['kwargs'])` rebuilds `model`."""
+    mean, std = _channels(mean, std)
     kwargs = {
         "num_classes": model.num_classes,
-        "img_size": model.img_size,
-        "patch_size": model.patch_size,
+        **_dims(model),
         "in_chans": 3,
-        "embed_dim": model.embed_dim,
-        "depth": model.depth,
-        "num_heads": model.num_heads,
-        "mlp_ratio": _mlp_ratio(model.embed_dim, model.mlp_dim),
         "qkv_bias": True,
         "class_token": True,
         "global_pool": "token",
@@ -145,7 +161,45 @@ def timm_config(model: ViT, mean: Sequence[float], std: Sequence[float]) -> dict
             "num_classes": model.num_classes,
         },
     }
-    return {"model_name": _TIMM_ARCHS.get(key, _FALLBACK_ARCH), "kwargs": kwargs, "mean": mean, "std": std}
+    return {"model_name": _timm_arch(model) or _FALLBACK_ARCH, "kwargs": kwargs, "mean": mean, "std": std}
+
+
+def hub_config(
+    model: ViT,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
+) -> dict[str, Any]:
+    """The `config.json` of the Hub layout: `timm.create_model("local-dir:DIR", pretrained=True)` rebuilds `model`.
+
+    `architecture` is the timm name of the block structure; `model_args` holds what differs from it (the image size,
+    or every dimension when no timm name fits). `pretrained_cfg` is what `timm.data.resolve_data_config` reads: the
+    input size, mean and std, and the eval resize's interpolation and crop_pct when given (else timm's defaults).
+    """
+    mean, std = _channels(mean, std)
+    arch = _timm_arch(model)
+    if arch is None:
+        model_args = _dims(model)
+    else:
+        model_args = {} if model.img_size == _TIMM_IMG_SIZE else {"img_size": model.img_size}
+    pretrained_cfg = {
+        "input_size": [3, model.img_size, model.img_size],
+        "fixed_input_size": True,
+        "mean": mean,
+        "std": std,
+        "num_classes": model.num_classes,
+        "first_conv": "patch_embed.proj",
+        "classifier": "head",
+    }
+    if interpolation is not None:
+        pretrained_cfg["interpolation"] = interpolation
+    if crop_pct is not None:
+        pretrained_cfg["crop_pct"] = float(crop_pct)
+    return {"architecture": arch or _FALLBACK_ARCH, "num_classes": model.num_classes,
+            "num_features": model.embed_dim, "global_pool": "token",
+            **({"model_args": model_args} if model_args else {}), "pretrained_cfg": pretrained_cfg}
 
 
 def export_vit(
@@ -155,23 +209,29 @@ def export_vit(
     mean: Sequence[float],
     std: Sequence[float],
     *,
+    interpolation: str | None = None,
+    crop_pct: float | None = None,
     overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Write model.safetensors, model.pth (a plain state dict) and timm.json; return their paths by kind."""
+    """Write model.safetensors + config.json (the Hub layout), model.pth (a plain state dict) and timm.json;
+    return their paths by kind. `interpolation` and `crop_pct` (the eval resize) go to config.json when given."""
     config = timm_config(model, mean, std)
+    hub = hub_config(model, mean, std, interpolation=interpolation, crop_pct=crop_pct)
     state_dict = flax_to_timm_state_dict(params, model)
     out = Path(out_dir)
-    paths = {"safetensors": out / "model.safetensors", "pth": out / "model.pth", "json": out / "timm.json"}
+    paths = {"safetensors": out / "model.safetensors", "config": out / "config.json", "pth": out / "model.pth",
+             "json": out / "timm.json"}
     existing = [str(p) for p in paths.values() if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"export would overwrite {existing}; pass overwrite=True to replace them")
     out.mkdir(parents=True, exist_ok=True)
 
     safetensors.numpy.save_file(state_dict, paths["safetensors"], metadata={"format": "pt"})
+    paths["config"].write_text(json.dumps(hub, indent=2) + "\n")
     try:
         import torch
     except ImportError:
-        warnings.warn("torch is not installed: wrote model.safetensors and timm.json but no model.pth",
+        warnings.warn("torch is not installed: wrote model.safetensors, config.json and timm.json but no model.pth",
                       stacklevel=2)
         del paths["pth"]
     else:
@@ -239,6 +299,46 @@ def _to_numpy(x: Any, dtype: Any) -> np.ndarray:
     return np.array(x, dtype=dtype)  # a copy: safetensors arrays may be views of a memory-mapped file
 
 
+def _square_grid(tokens: int) -> int | None:
+    """g with g² + 1 == tokens (a class token and a g × g grid), else None."""
+    side = math.isqrt(max(tokens - _PREFIX_TOKENS, 0))
+    return side if side > 0 and side * side + _PREFIX_TOKENS == tokens else None
+
+
+def resample_pos_embed(pos_embed: np.ndarray, grid: int) -> np.ndarray:
+    """Position embeddings (1, 1 + g², D) → (1, 1 + grid², D): the class token's unchanged, the g × g grid resized.
+
+    As timm's `resample_abs_pos_embed` with its defaults (F.interpolate bicubic, align_corners=False,
+    antialias=True). torch's antialiased bicubic is Pillow's filter (a = −0.5, its support widened by the scale when
+    shrinking, each output's weights normalised to sum 1), so `resample_matrix` gives its weights, one axis at a time.
+    """
+    pos_embed = np.asarray(pos_embed)
+    old = _square_grid(pos_embed.shape[1]) if pos_embed.ndim == 3 and pos_embed.shape[0] == 1 else None
+    if old is None:
+        raise ValueError(f"pos_embed of shape {pos_embed.shape} is not a class token and a square grid "
+                         f"(1, 1 + g², D)")
+    if grid < 1:
+        raise ValueError(f"grid={grid} must be ≥ 1")
+    weights = np.asarray(resample_matrix(0, old, old, grid, "bicubic"), np.float64)
+    positions = pos_embed[0, _PREFIX_TOKENS:].reshape(old, old, -1).astype(np.float64)
+    resized = np.einsum("ph,qw,hwd->pqd", weights, weights, positions).reshape(grid * grid, -1)
+    return np.concatenate([pos_embed[0, :_PREFIX_TOKENS], resized.astype(pos_embed.dtype)])[None]
+
+
+def _fit_pos_embed(state_dict: dict[str, Any], wanted: Mapping[str, tuple[int, ...]], source: str) -> None:
+    """Resample state_dict's pos_embed in place when it holds another square patch grid of the same width."""
+    value = state_dict.get("pos_embed")
+    if value is None or not _is_float(value):
+        return  # _check_keys names it
+    shape, target = tuple(np.shape(value)), wanted["pos_embed"]
+    old, new = (_square_grid(shape[1]), _square_grid(target[1])) if len(shape) == 3 else (None, None)
+    if shape == target or old is None or (shape[0], shape[2]) != (target[0], target[2]):
+        return  # nothing to do, or nothing resampling fixes: _check_keys names it
+    state_dict["pos_embed"] = resample_pos_embed(_to_numpy(value, np.float32), new)
+    log.info("%s: position embeddings resampled from a %d×%d to a %d×%d patch grid (bicubic, as timm)",
+             source, old, old, new, new)
+
+
 def _check_keys(state_dict: Mapping[str, Any], wanted: Mapping[str, tuple[int, ...]], source: str,
                 model: ViT) -> None:
     """Raise one single-line error summarising the missing, unexpected, mis-shaped and non-float keys."""
@@ -255,9 +355,10 @@ def _check_keys(state_dict: Mapping[str, Any], wanted: Mapping[str, tuple[int, .
     ]
     if not any(problems):
         return
-    if "pos_embed" in shape and shape["pos_embed"] != wanted["pos_embed"]:
-        problems.append("pos_embed holds another patch grid: build the ViT with the checkpoint's img_size and "
-                        "patch_size (positions are never resized)")
+    kernel, want = shape.get("patch_embed.proj.weight"), wanted["patch_embed.proj.weight"]
+    if kernel is not None and len(kernel) == 4 and kernel[2:] != want[2:]:
+        problems.append(f"the checkpoint's patches are {kernel[2]}×{kernel[3]}: build the ViT with "
+                        f"patch_size={kernel[2]} (positions are resampled to any image size, patch kernels are not)")
     raise _mismatch_error(source, model, problems)
 
 
@@ -268,7 +369,8 @@ def load_timm_weights(
     rng: jax.Array | None = None,
 ) -> dict[str, Any]:
     """Flax params for `model` from a timm state dict, .safetensors, or .pth (a state dict or {'model': sd})."""
-    # A head of another class count (or none) is re-initialised from `rng` (default key 0); any other missing,
+    # A head of another class count (or none) is re-initialised from `rng` (default key 0); position embeddings of
+    # another patch grid are resampled to the model's (`resample_pos_embed`, logged); any other missing,
     # unexpected, mis-shaped or non-float key is an error. Every bad file or unfitting state dict raises a
     # ValueError of one line, which the stages print as one.
     if isinstance(path_or_state_dict, Mapping):
@@ -291,6 +393,7 @@ def load_timm_weights(
         for key in _HEAD_KEYS:
             state_dict.pop(key, None)
             wanted.pop(key, None)
+    _fit_pos_embed(state_dict, wanted, source)
     _check_keys(state_dict, wanted, source, model)
 
     flat = {}

@@ -71,20 +71,31 @@ class BankSpec:
                 self.perturbation in ifs.PERTURBATIONS,
                 f"perturbation={self.perturbation!r} is not one of {ifs.PERTURBATIONS}",
             ),
-            (self.num_classes > 0, f"num_classes={self.num_classes} must be > 0"),
-            (self.image_size >= 16, f"image_size={self.image_size} must be ≥ 16"),
-            (self.pad >= 1, f"pad={self.pad} must be ≥ 1 (the largest coordinate lands on image_size − pad)"),
-            (self.image_size - 2 * self.pad >= 8, f"pad={self.pad} leaves no canvas in image_size={self.image_size}"),
-            (1 < self.num_points <= render.MAX_POINTS,
-             f"num_points={self.num_points} must lie in [2, {render.MAX_POINTS:,}]"),
-            (self.draw_mode in render.DRAW_MODES, f"draw_mode={self.draw_mode!r} is not one of {render.DRAW_MODES}"),
             (0 <= self.fill_threshold < 1, f"fill_threshold={self.fill_threshold} must lie in [0, 1)"),
             (self.max_redraws >= 0, f"max_redraws={self.max_redraws} must be ≥ 0"),
-            (self.classes_per_call >= 0, f"classes_per_call={self.classes_per_call} must be ≥ 0 (0: automatic)"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
+        raise_first_failure([*checks, *drawing_checks(self)])
+
+
+def drawing_checks(spec) -> list[tuple[bool, str]]:
+    """(ok, message) of the fields every bank spec shares: class count, canvas, points, draw mode, call size."""
+    return [
+        (spec.num_classes > 0, f"num_classes={spec.num_classes} must be > 0"),
+        (spec.image_size >= 16, f"image_size={spec.image_size} must be ≥ 16"),
+        (spec.pad >= 1, f"pad={spec.pad} must be ≥ 1 (the largest coordinate lands on image_size − pad)"),
+        (spec.image_size - 2 * spec.pad >= 8, f"pad={spec.pad} leaves no canvas in image_size={spec.image_size}"),
+        (1 < spec.num_points <= render.MAX_POINTS,
+         f"num_points={spec.num_points} must lie in [2, {render.MAX_POINTS:,}]"),
+        (spec.draw_mode in render.DRAW_MODES, f"draw_mode={spec.draw_mode!r} is not one of {render.DRAW_MODES}"),
+        (spec.classes_per_call >= 0, f"classes_per_call={spec.classes_per_call} must be ≥ 0 (0: automatic)"),
+    ]
+
+
+def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
+    """Raises ConfigError with the message of the first failed check."""
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 @dataclasses.dataclass

@@ -73,17 +73,19 @@ def _compose(w: jax.Array, m: jax.Array) -> jax.Array:
 
 
 def _chunked_chain(params: jax.Array, choices: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Steps 1..C·K of the chain for systems (L, N, 6) and choices (C, K): x and y as (K, L, C).
+    """Steps 1..C·K of the chain for systems (L, N, 6) and choices (C, K) shared or (L, C, K) per system: x and y
+    as (K, L, C).
 
     Point (k, l, c) is step t = c·K + k + 1 of class l's chain.
     """
     num_classes, num_maps = params.shape[:2]
-    num_chunks, chunk_len = choices.shape
+    num_chunks, chunk_len = choices.shape[-2:]
+    per_system = choices if choices.ndim == 3 else choices[None]  # (L or 1, C, K)
 
     def maps_at(k):  # (L, C, 6); a where-chain over the N maps is ~1.4× faster than a gather on XLA:CPU
         chosen = params[:, num_maps - 1][:, None, :]
         for j in reversed(range(num_maps - 1)):
-            chosen = jnp.where((choices[:, k] == j)[None, :, None], params[:, j][:, None, :], chosen)
+            chosen = jnp.where((per_system[:, :, k] == j)[:, :, None], params[:, j][:, None, :], chosen)
         return chosen
 
     identity = jnp.broadcast_to(jnp.array([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], params.dtype), (num_classes, num_chunks, 6))
@@ -104,11 +106,14 @@ def _chunked_chain(params: jax.Array, choices: jax.Array) -> tuple[jax.Array, ja
 
 
 def chain_points(params: jax.Array, choices: jax.Array, num_chunks: int = 1000) -> tuple[jax.Array, jax.Array]:
-    """All T = len(choices) + 1 points of the chaos game, the origin first: x and y as (L, T), in chain order."""
-    num_steps = choices.shape[0]
+    """All T = choices.shape[-1] + 1 points of the chaos game, the origin first: x and y as (L, T), in chain order.
+
+    `choices` (T − 1,) are shared by the L systems, or (L, T − 1) are each system's own."""
+    num_steps = choices.shape[-1]
     num_chunks = max(1, min(num_chunks, num_steps))
     chunk_len = math.ceil(num_steps / num_chunks)
-    padded = jnp.pad(choices, (0, num_chunks * chunk_len - num_steps)).reshape(num_chunks, chunk_len)
+    widths = [(0, 0)] * (choices.ndim - 1) + [(0, num_chunks * chunk_len - num_steps)]
+    padded = jnp.pad(choices, widths).reshape(*choices.shape[:-1], num_chunks, chunk_len)
     xs, ys = _chunked_chain(params, padded)
 
     def in_order(v):  # (K, L, C) → (L, T): the origin, then step c·K + k + 1 at column c·K + k + 1
@@ -190,8 +195,9 @@ def render_classes(
 ) -> tuple[jax.Array, jax.Array]:
     """Renders systems (L, N, 6): (images (L, S, S) uint8 in {0, 127}, ok (L,)).
 
-    `choices` (num_points − 1,) are the map choices of the chain's steps, shared by the L systems; class l's patch
-    masks come from `mask_keys[l]` (ignored in point mode). Runs under vmap and shard_map too.
+    `choices` (num_points − 1,) are the map choices of the chain's steps, shared by the L systems (or (L,
+    num_points − 1), each system's own); class l's patch masks come from `mask_keys[l]` (ignored in point mode).
+    Runs under vmap and shard_map too.
     """
     xs, ys = chain_points(params.astype(jnp.float32), choices, num_chunks)
     masks = jax.vmap(mask_sequence, in_axes=(0, None))(mask_keys, num_points) if draw_mode == "patch" else None
@@ -216,6 +222,15 @@ def render(
     choices = choice_sequence(choice_key, probs, num_points - 1)
     return render_classes(params, choices, mask_keys, image_size=image_size, pad=pad, num_points=num_points,
                           draw_mode=draw_mode, num_chunks=num_chunks)
+
+
+def choices_from_uniforms(uniforms: jax.Array, probs: jax.Array) -> jax.Array:
+    """Map choices as the FractalDB code picks them: step t takes the first map j whose cumulative probability
+    is ≥ u_t. uniforms (T − 1,), probs (N,) → (T − 1,) int32; maps of probability 0 are never picked (a u_t above
+    a cumulative sum that rounding left under 1 takes the last map of non-zero probability)."""
+    cdf = jnp.cumsum(probs)
+    last = jnp.max(jnp.where(probs > 0, jnp.arange(probs.shape[-1]), 0))
+    return jnp.minimum(jnp.sum(uniforms[:, None] > cdf[None, :-1], axis=-1, dtype=jnp.int32), last)
 
 
 def fill_rate(images: jax.Array) -> jax.Array:

@@ -36,6 +36,9 @@ Array = jax.Array
 CONV_TYPES = ("conv_sl", "many_head")
 INPUT_PROJS = ("vit_like", "resnet_like")
 NORM_POSITIONS = ("pre", "post")
+# vit_like stem initialisers: 'normal' N(0, 1), the authors'; 'torch' PyTorch's default conv init U(±1/√fan_in).
+STEM_INITS = {"normal": nn.initializers.normal(1.0),
+              "torch": nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")}
 RESNET_STEM_WIDTH = 64
 
 # PyTorch-initialised weights in the original code: xavier-uniform convs/MLPs, zero biases.
@@ -151,16 +154,18 @@ class AgentStem(nn.Module):
     input_proj: str = "vit_like"
     patch_size: int = 16
     dtype: Any = jnp.float32
+    stem_init: str = "normal"  # vit_like only: a STEM_INITS key
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         """Project images (B, H, W, C) to the grid (B, H/p, W/p, D); resnet_like gives (B, H/8, W/8, D)."""
         if self.input_proj == "vit_like":
             p = self.patch_size
-            # The original initialises the patch projection with N(0, 1); the first BN absorbs its scale.
+            # The original initialises the patch projection with N(0, 1): the residual stream then starts at
+            # std ≈ √(3p²) · the pixels' std, and the blocks' branches add little to it until they grow.
             return nn.Conv(
                 self.embed_dim, (p, p), strides=(p, p), padding="VALID",
-                kernel_init=nn.initializers.normal(1.0), dtype=self.dtype, name="proj",
+                kernel_init=STEM_INITS[self.stem_init], dtype=self.dtype, name="proj",
             )(x).astype(jnp.float32)
         x = nn.Conv(
             RESNET_STEM_WIDTH, (7, 7), strides=(2, 2), padding=3, use_bias=False,
@@ -183,6 +188,7 @@ class AgentBlock(nn.Module):
     norm_position: str = "pre"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    residual_dropout: float = 0.0  # on each branch's output before it joins the residual stream
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool, shared: SharedBlockWeights | None = None) -> Array:
@@ -209,11 +215,12 @@ class AgentBlock(nn.Module):
 
         norm1 = _batch_norm(train, "norm1")
         norm2 = _batch_norm(train, "norm2")
+        branch_drop = nn.Dropout(self.residual_dropout, deterministic=not train)
         if self.norm_position == "pre":
-            x = x + conv(norm1(x))
-            return x + mlp(norm2(x))
-        x = x + norm1(conv(x))
-        return x + norm2(mlp(x))
+            x = x + branch_drop(conv(norm1(x)))
+            return x + branch_drop(mlp(norm2(x)))
+        x = x + branch_drop(norm1(conv(x)))
+        return x + branch_drop(norm2(mlp(x)))
 
 
 class _AgentBase(nn.Module):
@@ -227,13 +234,17 @@ class _AgentBase(nn.Module):
     patch_size: int = 16  # vit_like only
     norm_position: str = "pre"  # "pre" or "post" BatchNorm in the blocks
     dropout: float = 0.1  # MLP dropout
+    residual_dropout: float = 0.0  # dropout on every block branch's output (the authors' shared agent: the ViT's)
     down_sample_layers: tuple[int, ...] = ()  # 2×2 average pool after these blocks
     dtype: Any = jnp.float32  # conv/matmul dtype; params, BN, residual stream and logits stay float32
+    stem_init: str = "normal"  # vit_like stem init: 'normal' N(0, 1) (the authors'), 'torch' U(±1/√fan_in)
 
     def __post_init__(self) -> None:
         """Reject invalid configurations at construction, each with the offending value."""
         if self.input_proj not in INPUT_PROJS:
             raise ValueError(f"input_proj must be one of {INPUT_PROJS}, got {self.input_proj!r}")
+        if self.stem_init not in STEM_INITS:
+            raise ValueError(f"stem_init must be one of {tuple(STEM_INITS)}, got {self.stem_init!r}")
         if self.norm_position not in NORM_POSITIONS:
             raise ValueError(f"norm_position must be one of {NORM_POSITIONS}, got {self.norm_position!r}")
         if self.embed_dim < 1 or self.depth < 1 or self.num_classes < 1:
@@ -241,8 +252,9 @@ class _AgentBase(nn.Module):
                 f"embed_dim, depth and num_classes must be positive, got {self.embed_dim}, {self.depth}, "
                 f"{self.num_classes}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         bad = [i for i in self.down_sample_layers if not 0 <= i < self.depth]
         if bad:
             raise ValueError(f"down_sample_layers {bad} are not block indices of a depth-{self.depth} agent")
@@ -254,14 +266,13 @@ class _AgentBase(nn.Module):
         shared: list[SharedBlockWeights] | None,
     ) -> Array | tuple[Array, list[Array]]:
         """Stem, blocks (their own weights, or `shared[i]`), final BN → GELU → pool → head."""
-        x = AgentStem(self.embed_dim, self.input_proj, self.patch_size, dtype=self.dtype, name="stem")(
-            x, train=train
-        )
+        x = AgentStem(self.embed_dim, self.input_proj, self.patch_size, dtype=self.dtype, stem_init=self.stem_init,
+                      name="stem")(x, train=train)
         block_outputs = []
         for i in range(self.depth):
             block = AgentBlock(
                 self.num_heads, conv_type, mlp_dim, self.norm_position, self.dropout, dtype=self.dtype,
-                name=f"blocks_{i}",
+                residual_dropout=self.residual_dropout, name=f"blocks_{i}",
             )
             x = block(x, train=train, shared=None if shared is None else shared[i])
             block_outputs.append(x)

@@ -28,12 +28,50 @@ Dtype = Any
 
 # timm's trunc_normal_(std=.02) truncates at ±2 in absolute value, i.e. ±100σ: effectively a plain normal.
 _dense_init = nn.initializers.normal(stddev=0.02)
-# PyTorch's default Conv2d init (timm leaves the patch embedding on it): U(±1/sqrt(fan_in)).
-_patch_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+# PyTorch's default Conv2d / Linear weight init (timm leaves the patch embedding on it): U(±1/sqrt(fan_in)).
+_torch_default = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+_zeros = nn.initializers.zeros_init()
+_xavier = nn.initializers.xavier_uniform()
 
 
-def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=_dense_init, name=name)
+def _torch_bias(fan_in: int) -> nn.initializers.Initializer:
+    """PyTorch's default Linear / Conv2d bias init: U(±1/sqrt(fan_in))."""
+    bound = fan_in**-0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _bootstrap_mlp_bias(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    # The Bootstrapping-ViTs code calls nn.init.normal_(bias, 1e-6): mean 1e-6, standard deviation 1.
+    return 1e-6 + jax.random.normal(key, shape, dtype)
+
+
+# Initialisers per `ViT.init_scheme`, by role. 'timm': timm's ViT. 'xavier': xavier-uniform attention and MLP
+# matrices (over the fused qkv matrix, as torch's xavier_uniform_ on the (3D, D) weight), the rest timm's.
+# 'bootstrap': the Bootstrapping-ViTs authors' ViT exactly: xavier matrices, MLP biases N(1e-6, 1), patch
+# projection N(0, 1), cls token N(0, .02), head PyTorch's default Linear init.
+VIT_INITS = ("timm", "xavier", "bootstrap")
+_INITS = {
+    "timm": dict(matrix=_dense_init, mlp_bias=_zeros, patch=_torch_default, cls=nn.initializers.normal(1e-6),
+                 head=_dense_init, head_bias=lambda fan_in: _zeros),
+    "xavier": dict(matrix=_xavier, mlp_bias=_zeros, patch=_torch_default, cls=nn.initializers.normal(1e-6),
+                   head=_dense_init, head_bias=lambda fan_in: _zeros),
+    "bootstrap": dict(matrix=_xavier, mlp_bias=_bootstrap_mlp_bias, patch=nn.initializers.normal(1.0),
+                      cls=nn.initializers.normal(0.02), head=_torch_default, head_bias=_torch_bias),
+}
+
+
+def _dense(features: int, dtype: Dtype, param_dtype: Dtype, name: str, init: str = "timm",
+           bias_init: nn.initializers.Initializer = _zeros) -> nn.Dense:
+    """An attention or MLP projection with the `init` scheme's matrix initialiser."""
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, kernel_init=_INITS[init]["matrix"],
+                    bias_init=bias_init, name=name)
+
+
+def _head(model: ViT) -> nn.Dense:
+    """The classifier head with the model's `init_scheme`."""
+    scheme = _INITS[model.init_scheme]
+    return nn.Dense(model.num_classes, dtype=model.dtype, param_dtype=model.param_dtype, kernel_init=scheme["head"],
+                    bias_init=scheme["head_bias"](model.embed_dim), name="head")
 
 
 def _layer_norm(name: str, param_dtype: Dtype) -> nn.LayerNorm:
@@ -97,13 +135,14 @@ class Attention(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None  # jax.nn.dot_product_attention's `implementation`
+    init_scheme: str = "timm"  # a VIT_INITS key
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         b, n, _ = x.shape
         dh = self.dim // self.num_heads
         attn_drop = Dropout(self.attn_drop_rate)  # made first either way: the dropout rng names stay as they were
-        qkv = _dense(3 * self.dim, self.dtype, self.param_dtype, "qkv")(x)
+        qkv = _dense(3 * self.dim, self.dtype, self.param_dtype, "qkv", self.init_scheme)(x)
         q, k, v = qkv.reshape(b, n, 3, self.num_heads, dh).transpose(2, 0, 1, 3, 4)  # each (B, N, H, dh)
         if train and self.attn_drop_rate > 0:  # dot_product_attention has no dropout
             out = softmax_attention(q, k, v, lambda p: attn_drop(p, deterministic=False))
@@ -111,7 +150,7 @@ class Attention(nn.Module):
             out = softmax_attention(q, k, v)
         else:
             out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        out = _dense(self.dim, self.dtype, self.param_dtype, "proj")(out.reshape(b, n, self.dim))
+        out = _dense(self.dim, self.dtype, self.param_dtype, "proj", self.init_scheme)(out.reshape(b, n, self.dim))
         return Dropout(self.proj_drop_rate)(out, deterministic=not train)
 
 
@@ -123,13 +162,15 @@ class Mlp(nn.Module):
     drop_rate: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    init_scheme: str = "timm"  # a VIT_INITS key
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        x = _dense(self.hidden_dim, self.dtype, self.param_dtype, "fc1")(x)
+        bias = _INITS[self.init_scheme]["mlp_bias"]
+        x = _dense(self.hidden_dim, self.dtype, self.param_dtype, "fc1", self.init_scheme, bias)(x)
         x = nn.gelu(x, approximate=False)
         x = Dropout(self.drop_rate)(x, deterministic=not train)
-        x = _dense(self.dim, self.dtype, self.param_dtype, "fc2")(x)
+        x = _dense(self.dim, self.dtype, self.param_dtype, "fc2", self.init_scheme, bias)(x)
         return Dropout(self.drop_rate)(x, deterministic=not train)
 
 
@@ -145,16 +186,17 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     attention_impl: str | None = None
+    init_scheme: str = "timm"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:  # train positional: nn.remat's static argument
         drop_path = DropPath(self.drop_path_rate)
         y = _layer_norm("norm1", self.param_dtype)(x).astype(self.dtype)
         y = Attention(self.dim, self.num_heads, self.attn_drop_rate, self.drop_rate, self.dtype,
-                      self.param_dtype, self.attention_impl, name="attn")(y, train=train)
+                      self.param_dtype, self.attention_impl, self.init_scheme, name="attn")(y, train=train)
         x = x + drop_path(y, deterministic=not train)
         y = _layer_norm("norm2", self.param_dtype)(x).astype(self.dtype)
-        y = Mlp(self.dim, self.mlp_dim, self.drop_rate, self.dtype, self.param_dtype, name="mlp")(
+        y = Mlp(self.dim, self.mlp_dim, self.drop_rate, self.dtype, self.param_dtype, self.init_scheme, name="mlp")(
             y, train=train
         )
         return x + drop_path(y, deterministic=not train)
@@ -177,6 +219,7 @@ class ViT(nn.Module):
     param_dtype: Dtype = jnp.float32
     remat: bool = False  # recompute each block in the backward pass (nn.remat) instead of storing its activations
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation: None, 'xla' or 'cudnn'
+    init_scheme: str = "timm"  # parameter initialisation, a VIT_INITS key: 'timm', 'xavier', 'bootstrap' (the authors')
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -201,9 +244,9 @@ class ViT(nn.Module):
             raise ValueError(
                 f"ViT expects images of shape (B, {self.img_size}, {self.img_size}, 3) (NHWC), got {x.shape}"
             )
-        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, self.param_dtype, name="patch_embed")(x)
-        cls = self.param("cls_token", nn.initializers.normal(stddev=1e-6), (1, 1, self.embed_dim),
-                         self.param_dtype)
+        x = PatchEmbed(self.patch_size, self.embed_dim, self.dtype, self.param_dtype, _INITS[self.init_scheme]["patch"],
+                       name="patch_embed")(x)
+        cls = self.param("cls_token", _INITS[self.init_scheme]["cls"], (1, 1, self.embed_dim), self.param_dtype)
         pos = self.param("pos_embed", nn.initializers.normal(stddev=0.02), (1, 1 + self.num_patches,
                          self.embed_dim), self.param_dtype)
         # zeros_like keeps x's batch sharding, which broadcast_to would drop under an Explicit mesh.
@@ -215,12 +258,12 @@ class ViT(nn.Module):
         blocks = []
         for i, rate in enumerate(drop_path_rates(self.drop_path_rate, self.depth)):
             x = block(self.embed_dim, self.num_heads, self.mlp_dim, self.drop_rate, self.attn_drop_rate, rate,
-                      self.dtype, self.param_dtype, self.attention_impl, name=f"blocks_{i}")(x, train)
+                      self.dtype, self.param_dtype, self.attention_impl, self.init_scheme, name=f"blocks_{i}")(x, train)
             blocks.append(x)
 
         out = _layer_norm("norm", self.param_dtype)(x)[:, 0]
         if self.num_classes > 0:
-            out = _dense(self.num_classes, self.dtype, self.param_dtype, "head")(out.astype(self.dtype))
+            out = _head(self)(out.astype(self.dtype))
             out = out.astype(jnp.float32)
         return (out, blocks) if return_blocks else out
 
@@ -232,12 +275,13 @@ class PatchEmbed(nn.Module):
     embed_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernel_init: nn.initializers.Initializer = _torch_default
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=self.dtype,
-                    param_dtype=self.param_dtype, kernel_init=_patch_init, name="proj")(x)
+                    param_dtype=self.param_dtype, kernel_init=self.kernel_init, name="proj")(x)
         return x.reshape(x.shape[0], -1, self.embed_dim).astype(jnp.float32)
 
 
@@ -269,8 +313,7 @@ def create_vit(name: str | None = None, **overrides: Any) -> ViT:
 
 def init_head(model: ViT, rng: jax.Array) -> dict[str, jax.Array]:
     """Fresh classifier-head params for `model`, from the same initialisers as `ViT.init` (cheap: no body)."""
-    dense = nn.Dense(model.num_classes, dtype=model.dtype, param_dtype=model.param_dtype, kernel_init=_dense_init)
-    return dense.init(rng, jnp.zeros((1, model.embed_dim), model.dtype))["params"]
+    return _head(model).init(rng, jnp.zeros((1, model.embed_dim), model.dtype))["params"]
 
 
 def _validate(m: ViT) -> None:
@@ -280,6 +323,8 @@ def _validate(m: ViT) -> None:
             raise ValueError(f"ViT.{field} must be a positive integer, got {value!r}")
     if m.num_classes < 0:
         raise ValueError(f"ViT.num_classes must be >= 0, got {m.num_classes}")
+    if m.init_scheme not in VIT_INITS:
+        raise ValueError(f"ViT.init_scheme must be one of {', '.join(VIT_INITS)}, got {m.init_scheme!r}")
     if m.img_size % m.patch_size:
         raise ValueError(f"ViT.img_size ({m.img_size}) must be divisible by patch_size ({m.patch_size})")
     if m.embed_dim % m.num_heads:

@@ -25,7 +25,7 @@ from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
 from onepfrac_jax.export.agent import export_agent
 from onepfrac_jax.models.agent import AGENT_PRESETS, Agent, SharedAgent, create_agent
-from onepfrac_jax.models.vit import ViT
+from onepfrac_jax.models.vit import VIT_INITS, ViT
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding
 from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.losses import (
@@ -66,19 +66,24 @@ def hint_layers(config: ml_collections.ConfigDict) -> tuple[int, ...] | None:
 
 def build_models(config: ml_collections.ConfigDict, num_classes: int) -> tuple[ViT, Agent | SharedAgent]:
     """The ViT and the agent (a SharedAgent in shared mode); ConfigError unless they pair for the mode's losses."""
-    vit = classify.build_vit(config, num_classes)
+    # Runs saved before `vit_init` existed were initialised as timm's ViT (the init matters only at the start).
+    init = config.get("vit_init", "timm")
+    require_choice("vit_init", init, VIT_INITS)
+    vit = classify.build_vit(config, num_classes).clone(init_scheme=init)
     a = config.agent
     require(a.preset in AGENT_PRESETS, f"agent.preset={a.preset!r} is not one of {', '.join(sorted(AGENT_PRESETS))}")
     shared = config.mode == "shared"
     # The shared agent's MLP is the ViT's, so it takes the ViT's dropout.
     default_dropout = vit.drop_rate if shared else AGENT_DROPOUT
     overrides = {name: a[name] for name in AGENT_DIMS if a[name] > 0}
+    residual = a.get("residual_dropout", 0.0)
     try:
         agent = create_agent(
             a.preset, shared=shared, num_classes=num_classes, dtype=vit.dtype,
             patch_size=a.patch_size if a.patch_size > 0 else vit.patch_size,
             dropout=a.dropout if a.dropout >= 0 else default_dropout,
-            down_sample_layers=tuple(a.down_sample_layers), **overrides,
+            residual_dropout=residual if residual >= 0 else (vit.drop_rate if shared else 0.0),
+            stem_init=a.get("stem_init", "normal"), down_sample_layers=tuple(a.down_sample_layers), **overrides,
         )
     except ValueError as e:
         raise ConfigError(f"agent: {e}") from e

@@ -24,22 +24,27 @@ WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def init_weights_path(init_from: str) -> Path:
-    """The timm-format weights file named by `init_from`: a file, or a run directory's export/model.safetensors."""
+    """The timm-format weights file named by `init_from`: a file, an export folder's model.safetensors (the Hub
+    layout: a run's export/, or a timm model downloaded from the Hub), or a run directory's export/model.safetensors."""
     path = Path(init_from)
     if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
         exported = path / "export" / "model.safetensors"
-        require((path / "config.json").exists(), f"init_from={init_from} is a directory but not a run directory")
+        require((path / "config.json").exists(), f"init_from={init_from} is a directory but neither a run directory "
+                                                 f"nor an export folder (no config.json, no model.safetensors)")
         require(exported.exists(), f"init_from={init_from}: the run has no export yet ({exported} is missing); "
                                    f"let it finish, or point at a weights file")
         return exported
     require(path.exists(), f"init_from={init_from} does not exist")
-    require(path.suffix in WEIGHT_SUFFIXES, f"init_from={init_from}: expected a run directory or a weights file "
-                                            f"({', '.join(WEIGHT_SUFFIXES)})")
+    require(path.suffix in WEIGHT_SUFFIXES, f"init_from={init_from}: expected a run directory, an export folder or "
+                                            f"a weights file ({', '.join(WEIGHT_SUFFIXES)})")
     return path
 
 
 def load_init_params(init_from: str, model: ViT, key: jax.Array) -> dict:
-    """Pre-trained params for `model`; the head is re-initialised when the class count differs."""
+    """Pre-trained params for `model`; the head is re-initialised when the class count differs, position
+    embeddings of another image size are resampled to the model's patch grid (as timm does)."""
     path = init_weights_path(init_from)
     try:
         params = load_timm_weights(path, model, rng=key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import optax
 
@@ -29,6 +30,10 @@ def default_optim_config() -> ml_collections.ConfigDict:
     c.momentum = 0.9  # sgd
     c.nesterov = False  # sgd
     c.clip_grad_norm = 0.0  # global-norm clipping; 0 is off
+    # PyTorch recipes that differ from timm's (the Bootstrapping-ViTs code: torch AdamW over model.parameters(),
+    # CosineAnnealingLR stepped once per epoch):
+    c.decay_all = False  # decay every parameter, biases, norms, positions and the cls token included
+    c.per_epoch = False  # the learning rate changes once per epoch (held within it), not every step
     return c
 
 
@@ -42,16 +47,21 @@ def validate(c: ml_collections.ConfigDict) -> None:
 
 
 def schedule(c: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
-    """Linear warm-up from warmup_lr to lr, then cosine to min_lr at total_steps; lrs scaled by batch/512."""
+    """Linear warm-up from warmup_lr to lr, then cosine to min_lr at total_steps; lrs scaled by batch/512.
+
+    With `per_epoch` the schedule is read at the first step of the current epoch, as a PyTorch scheduler stepped
+    after every epoch: the cosine over E epochs is then lr_min + (lr − lr_min)(1 + cos(π e / E)) / 2 in epoch e.
+    """
     scale = global_batch / 512 if c.scale_lr else 1.0
     warmup = c.warmup_steps if c.warmup_steps >= 0 else round(c.warmup_epochs * steps_per_epoch)
     warmup = min(warmup, total_steps)
     peak = c.lr * scale
     cosine = optax.cosine_decay_schedule(peak, max(total_steps - warmup, 1), alpha=c.min_lr * scale / peak)
-    if warmup == 0:
-        return cosine
     ramp = optax.linear_schedule(c.warmup_lr * scale, peak, warmup)
-    return optax.join_schedules([ramp, cosine], [warmup])
+    stepwise = cosine if warmup == 0 else optax.join_schedules([ramp, cosine], [warmup])
+    if not c.per_epoch:
+        return stepwise
+    return lambda step: stepwise(jnp.floor(step / steps_per_epoch) * steps_per_epoch)
 
 
 def decay_mask(params) -> object:
@@ -65,12 +75,13 @@ def decay_mask(params) -> object:
 
 
 def make_optimizer(c: ml_collections.ConfigDict, lr: optax.Schedule) -> optax.GradientTransformation:
-    """The configured optimizer, with timm's weight-decay exclusions and optional clipping."""
+    """The configured optimizer, with timm's weight-decay exclusions (none with decay_all) and optional clipping."""
+    mask = None if c.decay_all else decay_mask
     if c.name == "adamw":
-        tx = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=decay_mask)
+        tx = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay, mask=mask)
     else:
         # PyTorch SGD adds the decay to the gradient before momentum, so decay comes first in the chain.
-        tx = optax.chain(optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
+        tx = optax.chain(optax.add_decayed_weights(c.weight_decay, mask=mask),
                          optax.sgd(lr, momentum=c.momentum, nesterov=c.nesterov))
     if c.clip_grad_norm > 0:
         tx = optax.chain(optax.clip_by_global_norm(c.clip_grad_norm), tx)
