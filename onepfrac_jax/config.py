@@ -15,6 +15,8 @@ STAGES = {
     "bootstrap": "onepfrac_jax.train.bootstrap",
     "demo": "onepfrac_jax.demo",
     "export": "onepfrac_jax.export.stage",
+    "evaluate": "onepfrac_jax.train.evaluate",
+    "linear_probe": "onepfrac_jax.train.linear_probe",
 }
 
 

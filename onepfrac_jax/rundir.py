@@ -42,6 +42,11 @@ CONFIG_NAME = "config.json"
 RUN_CONTROL_KEYS = ("resume", "overwrite")
 
 
+def _article(stage: str) -> str:
+    """'an evaluate', 'an export', 'a pretrain'."""
+    return f"{'an' if stage[0] in 'aeiou' else 'a'} {stage}"
+
+
 def _comparable(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in RUN_CONTROL_KEYS}
 
@@ -142,10 +147,10 @@ class RunDir:
     def _check_resume(path: Path, saved: dict, config: ml_collections.ConfigDict, resumable: bool) -> bool:
         stage = config.get("stage")
         if saved["stage"] != stage:
-            raise ConfigError(f"workdir {path} holds a {saved['stage']} run, not a {stage} run; choose another "
-                              f"workdir, or --config.overwrite=True to replace it")
+            raise ConfigError(f"workdir {path} holds {_article(saved['stage'])} run, not {_article(stage)} run; "
+                              f"choose another workdir, or --config.overwrite=True to replace it")
         if not resumable:
-            raise ConfigError(f"workdir {path} already holds a {stage} run; pass --config.overwrite=True to "
+            raise ConfigError(f"workdir {path} already holds {_article(stage)} run; pass --config.overwrite=True to "
                               f"replace it")
         old, new = _comparable(saved), _comparable(json.loads(to_json(config)))
         if old != new and not config.get("resume"):

@@ -7,15 +7,16 @@ import time
 import pytest
 from conftest import assert_one_error, free_port, run_cli
 
-PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/export.py, configs/finetune.py, configs/generate.py, "
-            "configs/pretrain.py")
+PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/evaluate.py, configs/export.py, configs/finetune.py, "
+            "configs/generate.py, configs/linear_probe.py, configs/pretrain.py")
 
 
 @pytest.mark.parametrize(("config", "args", "message"), [
     ("configs/pretrain.py:demo", ("--config.batch_size=abc",),
      "error: --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
     ("configs/pretrain.py:nope", (), "error: --config=configs/pretrain.py:nope: unknown variant 'nope' of "
-     "configs/pretrain.py; known: paper_vit_tiny, paper_vit_base_21k, demo"),
+     "configs/pretrain.py; known: paper_vit_tiny, paper_vit_tiny_ofdb, paper_vit_tiny_fractaldb, "
+     "paper_vit_base_21k, demo"),
     ("configs/nope.py", (), f"error: --config=configs/nope.py: no such config file (the packaged ones: {PACKAGED})"),
     ("configs/pretrain.py:demo", ("--no_such_flag=1",), "error: Unknown command line flag 'no_such_flag'"),
 ])

@@ -210,7 +210,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(reference, tmp_path):
         "step": ({"run": source, "step": 7}, tmp_path / "b",
                  f"{source} keeps no checkpoint at step 7; the kept steps: 116, 120"),
         "full": ({"run": source}, tmp_path / "full", "is not empty and holds no run of this project"),
-        "earlier": ({"run": source}, tmp_path / "earlier", "already holds a export run; pass --config.overwrite"),
+        "earlier": ({"run": source}, tmp_path / "earlier", "already holds an export run; pass --config.overwrite"),
         "nested": ({"run": source, "overwrite": True}, source / "export", "export never writes into the run"),
     }
     results = run_all([main_argv("configs/export.py", out, overrides) for overrides, out, _ in cases.values()])

@@ -274,7 +274,7 @@ def _read_torch(path: Path) -> Any:
         raise ValueError(f"not a PyTorch checkpoint of tensors: {path} ({_one_line(e)})") from e
 
 
-def _read_state_dict(path: Path) -> Mapping[str, Any]:
+def read_state_dict(path: Path) -> Mapping[str, Any]:
     try:
         ckpt = _read_safetensors(path) if path.suffix == ".safetensors" else _read_torch(path)
     except OSError as e:
@@ -378,7 +378,7 @@ def load_timm_weights(
         state_dict = dict(path_or_state_dict)
     else:
         source = str(path_or_state_dict)
-        state_dict = dict(_read_state_dict(Path(path_or_state_dict)))
+        state_dict = dict(read_state_dict(Path(path_or_state_dict)))
     if state_dict and all(k.startswith("module.") for k in state_dict):  # saved from a DDP-wrapped model
         state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
 

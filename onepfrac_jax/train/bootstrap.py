@@ -197,7 +197,8 @@ def make_evaluate(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig,
 def export_variables(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig, variables: dict,
                      out_dir: Path) -> dict:
     """What a bootstrap run's export/ holds, from its `variables`: the ViT as timm weights (model.safetensors,
-    model.pth, timm.json) and the agent's state dict (a shared agent as the plain CNN its ViT weights define)."""
+    config.json, model.pth, timm.json) and the agent's state dict (a shared agent as the plain CNN its ViT weights
+    define)."""
     params = variables["params"]
     files = classify.export_variables(vit, augment, {"params": params["vit"]}, out_dir)
     extra = {name: value for name, value in variables.items() if name != "params"}

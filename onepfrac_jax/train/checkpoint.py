@@ -234,7 +234,7 @@ def _read(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
     return restored.state, dict(restored.data or {})
 
 
-def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, dict]:
+def read_checkpoint(workdir: Path, step: int | None = None, ema: bool = False) -> tuple[int, dict, dict]:
     """(step, variables, data) of the checkpoint at `step` (None: the newest readable one), whatever topology saved it.
 
     `variables` are the params and the other collections as NumPy arrays ({'params': ..., 'batch_stats': ...});
@@ -242,6 +242,7 @@ def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, 
     checkpoint's metadata does not depend on the devices of the run that saved it (restoring onto its recorded
     shardings fails elsewhere with "Topology mismatch"). Nothing is written into `workdir`: a damaged checkpoint is
     reported, not set aside as a resume does. ConfigError when there is no such checkpoint, naming the kept steps.
+    With `ema`, `variables['params']` are the run's moving average of its params (ConfigError if it kept none).
     """
     directory = workdir / "checkpoints"
     manager = _reader(workdir)
@@ -255,7 +256,6 @@ def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, 
             for candidate in [step] if step is not None else reversed(kept):
                 try:
                     state, data = _read(manager, candidate)
-                    return candidate, {"params": state["params"], **state["extra"]}, data
                 except Exception as e:  # Orbax and TensorStore raise many types for unreadable or vanished files
                     if not (directory / str(candidate)).exists():  # a run still training deleted it meanwhile
                         if step is None:
@@ -269,6 +269,12 @@ def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, 
                                           f"{_reason(e)}") from e
                     logging.warning("checkpoint at step %d in %s is unreadable (%s); trying the one before",
                                     candidate, directory, _reason(e))
+                    continue
+                if ema:
+                    require(state.get("ema_params") is not None,
+                            f"the run in {workdir} kept no EMA of its weights (its ema_decay was 0)")
+                    state = {**state, "params": state["ema_params"]}
+                return candidate, {"params": state["params"], **state["extra"]}, data
             else:
                 raise ConfigError(f"no readable checkpoint in {directory} (steps {listed()})")
             _listing(manager.reload)
@@ -276,6 +282,7 @@ def read_checkpoint(workdir: Path, step: int | None = None) -> tuple[int, dict, 
         manager.close()
 
 
-def load_variables(workdir: Path, step: int | None = None) -> dict:
-    """The params and other collections of the checkpoint at `step` (None: the latest) as NumPy arrays."""
-    return read_checkpoint(workdir, step)[1]
+def load_variables(workdir: Path, step: int | None = None, ema: bool = False) -> dict:
+    """The params (with `ema`: their moving average) and other collections of the checkpoint at `step` (None: the
+    latest) as NumPy arrays."""
+    return read_checkpoint(workdir, step, ema)[1]

@@ -102,10 +102,10 @@ def final_variables(state: TrainState) -> dict:
 
 
 def export_variables(model: ViT, augment: AugmentConfig, variables: dict, out_dir: Path) -> dict:
-    """What a run's export/ holds, from its `variables`: the ViT as timm weights (model.safetensors, model.pth,
-    timm.json with the run's mean and std)."""
+    """What a run's export/ holds, from its `variables`: the ViT as timm weights (model.safetensors with
+    config.json, the Hub layout timm's `local-dir:` loads; model.pth and timm.json) with the run's eval transform."""
     return export_vit(variables["params"], model.clone(dtype=jnp.float32), out_dir, augment.mean, augment.std,
-                      overwrite=True)
+                      interpolation=augment.interpolation, crop_pct=augment.crop_pct, overwrite=True)
 
 
 def make_export(model: ViT, augment: AugmentConfig) -> Callable[[TrainState, Path], dict]:

@@ -54,6 +54,12 @@ def stream_key(seed: int, stream: int) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), stream)
 
 
+def step_keys(seed: int, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """(data key, model key) of one training step: make_batch gets the first, the loss the second."""
+    data_key, model_key = jax.random.split(jax.random.fold_in(stream_key(seed, _STEP_STREAM), step))
+    return data_key, model_key
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the state became NaN or infinite; main.py prints it as one line and exits with code 3."""
 
@@ -66,6 +72,20 @@ class TrainState:
     extra: Any  # non-trainable collections, e.g. {'batch_stats': ...}
     loss_scale: jax.Array  # float16's dynamic loss scale; stays 1 for float32 / bfloat16
     good_steps: jax.Array  # finite steps since the loss scale last changed
+    # The exponential moving average of `params` when config.ema_decay > 0 (see `ema_update`), else None: a run
+    # without EMA saves the same checkpoint tree as before the field existed.
+    ema_params: Any = None
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+    """One EMA step, e ← d·e + (1 − d)·p (timm's ModelEmaV2, started from the initial params, no warm-up): after n
+    updates e_n = dⁿ·p_0 + (1 − d)·Σ_{k=1..n} d^(n−k)·p_k, p_k the params after update k."""
+    return optax.incremental_update(params, ema, 1.0 - decay)
+
+
+def ema_view(state: TrainState) -> TrainState:
+    """The state with its EMA as the params: what evaluation and export see of the averaged model."""
+    return state.replace(params=state.ema_params)
 
 
 @dataclasses.dataclass
@@ -99,6 +119,9 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
     config.total_steps = -1  # -1: derive from num_epochs
     config.num_epochs = 1.0
     config.dtype = "float32"  # computation dtype: float32 | bfloat16 | float16 (dynamic loss scaling); params f32
+    # > 0: keep an exponential moving average of the params (e ← d·e + (1 − d)·p every step, from the initial
+    # params), checkpointed, evaluated beside them (`<metric>_ema`) and exported to export/ema/; 0: off
+    config.ema_decay = 0.0
     config.optim = optim.default_optim_config()
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
@@ -121,6 +144,7 @@ def validate_train_config(config: ml_collections.ConfigDict, devices: int | None
     require(config.checkpoint_every_steps > 0, f"checkpoint_every_steps={config.checkpoint_every_steps} must be > 0")
     require(config.keep_checkpoints > 0, f"keep_checkpoints={config.keep_checkpoints} must be > 0")
     require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be ≥ 0")
+    require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} must lie in [0, 1) (0: no EMA)")
     optim.validate(config.optim)
 
 
@@ -145,12 +169,9 @@ def _build_optimizer(task: Task, config: ml_collections.ConfigDict,
 
 
 def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Schedule, seed: int,
-                     dynamic_scaling: bool) -> Callable:
-    step_stream = stream_key(seed, _STEP_STREAM)
-
+                     dynamic_scaling: bool, ema_decay: float = 0.0) -> Callable:
     def train_step(state: TrainState, inputs: Any, resident: Any = None) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(step_stream, state.step)
-        data_key, model_key = jax.random.split(key)
+        data_key, model_key = step_keys(seed, state.step)
         if task.resident is None:
             batch = task.make_batch(data_key, inputs, state.step)
         else:
@@ -165,6 +186,8 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new = state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra)
+        if ema_decay > 0:
+            new = new.replace(ema_params=ema_update(state.ema_params, params, ema_decay))
         if dynamic_scaling:
             finite = _all_finite(grads)
             keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)
@@ -173,13 +196,14 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
                 params=keep(new.params, state.params),
                 opt_state=keep(new.opt_state, state.opt_state),
                 extra=keep(new.extra, state.extra),
+                ema_params=keep(new.ema_params, state.ema_params),  # a skipped step moves no average either
                 loss_scale=jnp.where(finite, jnp.where(grow, state.loss_scale * 2, state.loss_scale),
                                      jnp.maximum(state.loss_scale / 2, 1.0)),
                 good_steps=jnp.where(finite & ~grow, state.good_steps + 1, 0),
             )
             metrics = {**metrics, "loss_scale": state.loss_scale}
         # A finite loss can still give a non-finite update: only a state checked here is ever saved.
-        finite_state = _all_finite((new.params, new.opt_state, new.extra))
+        finite_state = _all_finite((new.params, new.opt_state, new.extra, new.ema_params))
         return new, {**metrics, "loss": loss, "lr": lr(state.step), "finite_state": finite_state}
 
     return train_step
@@ -193,15 +217,16 @@ def jit_train_step(task: Task, config: ml_collections.ConfigDict, mesh: Mesh,
     """
     tx, lr = _build_optimizer(task, config, total)
     step_fn = jax.jit(
-        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16"),
+        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16", config.ema_decay),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
     return step_fn, tx
 
 
-def _make_init(task: Task, tx: optax.GradientTransformation, seed: int) -> Callable[[Any], TrainState]:
-    """initial -> the initial state (`task.initial`'s arrays, or None)."""
+def _make_init(task: Task, tx: optax.GradientTransformation, seed: int,
+               ema: bool = False) -> Callable[[Any], TrainState]:
+    """initial -> the initial state (`task.initial`'s arrays, or None); with `ema`, its EMA starts at the params."""
 
     def init(initial: Any) -> TrainState:
         key = stream_key(seed, _INIT_STREAM)
@@ -209,15 +234,16 @@ def _make_init(task: Task, tx: optax.GradientTransformation, seed: int) -> Calla
         params = variables["params"]
         extra = {k: v for k, v in variables.items() if k != "params"}
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), extra=extra,
-                          loss_scale=jnp.ones((), jnp.float32), good_steps=jnp.zeros((), jnp.int32))
+                          loss_scale=jnp.ones((), jnp.float32), good_steps=jnp.zeros((), jnp.int32),
+                          ema_params=jax.tree.map(jnp.copy, params) if ema else None)
 
     return init
 
 
-def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh) -> TrainState:
-    """Initial state, replicated over the mesh."""
+def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh, ema: bool = False) -> TrainState:
+    """Initial state, replicated over the mesh; with `ema`, an EMA of the params beside them."""
     initial = None if task.initial is None else jax.device_put(task.initial, replicated(mesh))
-    return jax.jit(_make_init(task, tx, seed), out_shardings=replicated(mesh))(initial)
+    return jax.jit(_make_init(task, tx, seed, ema), out_shardings=replicated(mesh))(initial)
 
 
 def _preemption_sync_manager() -> Any:
@@ -319,7 +345,13 @@ class Run:
 
         # ---- model, optimizer, state, the update step ----------------------------------------------------------
         step_fn, tx = jit_train_step(task, config, mesh, total)
-        state = init_state(task, tx, config.seed, mesh)
+        ema = config.ema_decay > 0
+        state = init_state(task, tx, config.seed, mesh, ema)
+        # An average of the weights beside the live BatchNorm statistics (the bootstrap agent's) would be a model
+        # nobody trained: the EMA serves models whose only variables are their params.
+        require(not (ema and jax.tree.leaves(state.extra)),
+                f"ema_decay={config.ema_decay}: this stage's model keeps {', '.join(state.extra)} beside its params, "
+                f"which the EMA does not average; set ema_decay=0 (pretrain and finetune have the EMA)")
         if config.dtype == "float16":
             state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
         logging.info("%s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
@@ -333,7 +365,8 @@ class Run:
         self.rundir.begin()  # a resume commits only once its checkpoint is restored (begin() runs once)
 
         # input_wait: the fraction of the interval spent waiting for the host pipeline
-        writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *task.eval_names],
+        eval_names = (*task.eval_names, *(f"{name}_ema" for name in task.eval_names if ema))
+        writer = MetricWriter(path, [*task.metric_names, "lr", "images_per_s", "input_wait", *eval_names],
                               total, enabled=main_process, resume=self.rundir.resuming)
         writer.truncate_after(start)
         eval_every = config.eval_every_steps or max(1, round(task.steps_per_epoch))
@@ -394,12 +427,14 @@ class Run:
                 if task.evaluate is not None and (done % eval_every == 0 or done == total):
                     check()
                     scores = task.evaluate(state)
+                    if ema:
+                        scores.update({f"{k}_ema": v for k, v in task.evaluate(ema_view(state)).items()})
                     history.append({"step": done, **scores})
                     row.update(scores)
                 if row:
                     writer.write(done, row)
                     writer.progress(done, {k: v for k, v in row.items() if k in (*task.metric_names, "lr",
-                                                                                    "images_per_s", *task.eval_names)})
+                                                                                    "images_per_s", *eval_names)})
                 if done % config.checkpoint_every_steps == 0 or done == total:
                     save(done)
                 # Every process asks every step (the answer is collective); at the last step the run is complete.
@@ -420,6 +455,9 @@ class Run:
         files = {}
         if not stopped and task.export is not None and main_process:
             files = {name: str(file) for name, file in task.export(state, path / "export").items()}
+            if ema:  # export/ema/ holds the same files for the averaged weights
+                files.update({f"ema_{name}": str(file)
+                              for name, file in task.export(ema_view(state), path / "export" / "ema").items()})
         result = Result(stage=config.stage, step=done, total_steps=total, stopped=stopped, history=history,
                         files=files, state=state)
         result.write(path)

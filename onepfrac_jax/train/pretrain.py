@@ -113,9 +113,8 @@ def make_bank_evaluate(model: ViT, augment: AugmentConfig, mesh: Mesh, images: j
 
 
 def first_batch(make_batch: Callable, seed: int, resident: Any) -> dict:
-    """Step 0's batch exactly as the loop's update step makes it: its data key is the first half of
-    split(fold_in(the loop's per-step stream, 0))."""
-    data_key, _ = jax.random.split(jax.random.fold_in(loop.stream_key(seed, loop._STEP_STREAM), 0))
+    """Step 0's batch exactly as the loop's update step makes it (from the loop's step-0 data key)."""
+    data_key, _ = loop.step_keys(seed, 0)
     return jax.jit(make_batch)(data_key, None, jnp.int32(0), resident)
 
 
