@@ -292,5 +292,5 @@ def test_the_saved_config_is_written_once_training_starts(tmp_path):
     assert (tmp_path / "run" / "config.json").read_text() == to_json(config)
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["stage"] == "pretrain" and saved["step"] == result.step == 2 and not saved["stopped"]
-    assert set(saved["files"]) == {"safetensors", "pth", "json"}
+    assert set(saved["files"]) == {"safetensors", "config", "pth", "json"}
     assert all(Path(f).is_file() for f in saved["files"].values())
