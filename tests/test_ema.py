@@ -13,8 +13,10 @@ from conftest import csv_rows, make_image_folder
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
+from onepfrac_jax.configs import export as export_configs
 from onepfrac_jax.configs import finetune as finetune_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
+from onepfrac_jax.export import stage
 from onepfrac_jax.export.timm import load_timm_weights
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, finetune, loop
@@ -159,3 +161,21 @@ def test_finetune_evaluates_and_exports_the_ema(finetuned):
     images = np.random.default_rng(0).integers(0, 255, (2, 20, 20, 3), dtype=np.uint8)
     expected = model.apply({"params": ema}, eval_transform(augment_config(config.augment), jnp.asarray(images)))
     np.testing.assert_allclose(inference.load(workdir, ema=True)(images), expected, atol=1e-5)
+
+
+def test_the_export_stage_writes_the_ema_of_a_kept_step_beside_its_weights(finetuned, tmp_path):
+    workdir, config = finetuned
+    c = export_configs.get_config()
+    c.update({"run": str(workdir), "step": 3})
+    files = stage.run(c, str(tmp_path / "out")).files
+    assert files["ema_safetensors"] == str(tmp_path / "out" / "export" / "ema" / "model.safetensors")
+    model = classify.build_vit(config, 3)
+    for folder, ema in (("export", False), ("export/ema", True)):
+        loaded = load_timm_weights(tmp_path / "out" / folder / "model.safetensors", model)
+        for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(read_checkpoint(workdir, 3, ema)[1]["params"]),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    # step 3's average, not the run's final one
+    final = load_timm_weights(workdir / "export" / "ema" / "model.safetensors", model)
+    at_3 = load_timm_weights(tmp_path / "out" / "export" / "ema" / "model.safetensors", model)
+    assert not np.allclose(final["head"]["kernel"], at_3["head"]["kernel"])

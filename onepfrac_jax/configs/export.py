@@ -6,7 +6,8 @@
 
 Writes into WORKDIR/export/ what the run writes to RUN/export/ when it finishes — model.safetensors + config.json
 (the Hub layout: timm.create_model("local-dir:WORKDIR/export", pretrained=True)), model.pth and timm.json, and for a
-bootstrap run agent.safetensors / agent.pth — and beside it the stage's config.json and result.json (the exported
+bootstrap run agent.safetensors / agent.pth; for a run with an EMA (ema_decay > 0) export/ema/ holds the same
+files for the average at that step — and beside it the stage's config.json and result.json (the exported
 step and the run's evaluations up to it); WORKDIR then serves as an init_from like a run. It reads the checkpoint
 on one CPU process whatever topology saved it, never writes into RUN and takes no lock there. A step that is not
 kept is one error listing the kept steps.

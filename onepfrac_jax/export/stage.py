@@ -5,7 +5,8 @@ The folder sits beside the stage's own config.json and result.json, as in a trai
 export/config.json, the Hub's; a run's config.json is this project's), so WORKDIR also serves as an `init_from`.
 It reads the checkpoint read-only onto host arrays (train/checkpoint.read_checkpoint: only finalised steps, any
 saving topology, no lock), so a run still training is neither blocked nor changed, and calls the very export
-function the run's own end calls (`export_checkpoint` of classify or bootstrap).
+function the run's own end calls (`export_checkpoint` of classify or bootstrap). A run that kept an EMA of its
+weights (ema_decay > 0) also gets export/ema/, the same files for the average at that step, as its own end writes.
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         if jax.process_index() == 0:
             exported = EXPORTERS[saved.stage](saved, variables, out.path / "export")
             files = {name: str(path) for name, path in exported.items()}
+            if saved.get("ema_decay", 0.0) > 0:  # the same step's average, as the run's end writes it
+                averaged = read_checkpoint(source, step, ema=True)[1]
+                exported = EXPORTERS[saved.stage](saved, averaged, out.path / "export" / "ema")
+                files.update({f"ema_{name}": str(path) for name, path in exported.items()})
         logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path / "export")
         # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
         result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),
