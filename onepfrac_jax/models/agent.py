@@ -31,14 +31,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from onepfrac_jax.models.vit import torch_default_init
+
 Array = jax.Array
 
 CONV_TYPES = ("conv_sl", "many_head")
 INPUT_PROJS = ("vit_like", "resnet_like")
 NORM_POSITIONS = ("pre", "post")
 # vit_like stem initialisers: 'normal' N(0, 1), the authors'; 'torch' PyTorch's default conv init U(±1/√fan_in).
-STEM_INITS = {"normal": nn.initializers.normal(1.0),
-              "torch": nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")}
+STEM_INITS = {"normal": nn.initializers.normal(1.0), "torch": torch_default_init}
 RESNET_STEM_WIDTH = 64
 
 # PyTorch-initialised weights in the original code: xavier-uniform convs/MLPs, zero biases.

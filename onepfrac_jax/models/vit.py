@@ -29,7 +29,7 @@ Dtype = Any
 # timm's trunc_normal_(std=.02) truncates at ±2 in absolute value, i.e. ±100σ: effectively a plain normal.
 _dense_init = nn.initializers.normal(stddev=0.02)
 # PyTorch's default Conv2d / Linear weight init (timm leaves the patch embedding on it): U(±1/sqrt(fan_in)).
-_torch_default = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+torch_default_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 _zeros = nn.initializers.zeros_init()
 _xavier = nn.initializers.xavier_uniform()
 
@@ -51,12 +51,12 @@ def _bootstrap_mlp_bias(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = j
 # projection N(0, 1), cls token N(0, .02), head PyTorch's default Linear init.
 VIT_INITS = ("timm", "xavier", "bootstrap")
 _INITS = {
-    "timm": dict(matrix=_dense_init, mlp_bias=_zeros, patch=_torch_default, cls=nn.initializers.normal(1e-6),
+    "timm": dict(matrix=_dense_init, mlp_bias=_zeros, patch=torch_default_init, cls=nn.initializers.normal(1e-6),
                  head=_dense_init, head_bias=lambda fan_in: _zeros),
-    "xavier": dict(matrix=_xavier, mlp_bias=_zeros, patch=_torch_default, cls=nn.initializers.normal(1e-6),
+    "xavier": dict(matrix=_xavier, mlp_bias=_zeros, patch=torch_default_init, cls=nn.initializers.normal(1e-6),
                    head=_dense_init, head_bias=lambda fan_in: _zeros),
     "bootstrap": dict(matrix=_xavier, mlp_bias=_bootstrap_mlp_bias, patch=nn.initializers.normal(1.0),
-                      cls=nn.initializers.normal(0.02), head=_torch_default, head_bias=_torch_bias),
+                      cls=nn.initializers.normal(0.02), head=torch_default_init, head_bias=_torch_bias),
 }
 
 
@@ -275,7 +275,7 @@ class PatchEmbed(nn.Module):
     embed_dim: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    kernel_init: nn.initializers.Initializer = _torch_default
+    kernel_init: nn.initializers.Initializer = torch_default_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
