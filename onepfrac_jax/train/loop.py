@@ -119,6 +119,9 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
     config.total_steps = -1  # -1: derive from num_epochs
     config.num_epochs = 1.0
     config.dtype = "float32"  # computation dtype: float32 | bfloat16 | float16 (dynamic loss scaling); params f32
+    # k > 1: each step's gradient is the mean of k micro-batches' (every device's rows split k ways), then one
+    # update: the same batch_size, steps and schedule, 1/k of the activations (see `accumulated_gradient`)
+    config.accum_steps = 1
     # > 0: keep an exponential moving average of the params (e ← d·e + (1 − d)·p every step, from the initial
     # params), checkpointed, evaluated beside them (`<metric>_ema`) and exported to export/ema/; 0: off
     config.ema_decay = 0.0
@@ -127,6 +130,9 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.eval_every_steps = 0  # 0: once per epoch where the stage evaluates
+    # "A,B": a jax.profiler trace of steps A..B (1-based, as logged) in workdir/profile/ (TensorBoard's profile
+    # plugin, or Perfetto for its trace.json.gz), written by process 0; "": off
+    config.profile_steps = ""
     config.resume = False  # continue the run in workdir even though its config differs
     config.overwrite = False  # delete the run workdir holds (only a run of this project) and start afresh
 
@@ -137,6 +143,11 @@ def validate_train_config(config: ml_collections.ConfigDict, devices: int | None
     devices = jax.device_count() if devices is None else devices
     require(config.batch_size % devices == 0,
             f"batch_size={config.batch_size} is not divisible by the {devices} devices of all processes")
+    accum = config.get("accum_steps", 1)
+    require(isinstance(accum, int) and accum >= 1, f"accum_steps={accum!r} must be an integer ≥ 1")
+    require(config.batch_size % (devices * accum) == 0,
+            f"batch_size={config.batch_size} does not split into accum_steps={accum} micro-batches over the "
+            f"{devices} devices (it must divide by devices × accum_steps = {devices * accum})")
     require_choice("dtype", config.dtype, tuple(DTYPES))
     require(config.total_steps == -1 or config.total_steps > 0, f"total_steps={config.total_steps} must be > 0")
     require(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be > 0")
@@ -145,7 +156,21 @@ def validate_train_config(config: ml_collections.ConfigDict, devices: int | None
     require(config.keep_checkpoints > 0, f"keep_checkpoints={config.keep_checkpoints} must be > 0")
     require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be ≥ 0")
     require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} must lie in [0, 1) (0: no EMA)")
+    profile_steps(config)
     optim.validate(config.optim)
+
+
+def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """config.profile_steps "A,B" as (A, B) with 1 ≤ A ≤ B; None when it is empty (profiling off)."""
+    text = str(config.get("profile_steps", "")).strip()
+    if not text:
+        return None
+    parts = text.split(",")
+    require(len(parts) == 2 and all(p.strip().isdigit() for p in parts),
+            f"profile_steps={text!r} must be two step numbers 'A,B' (trace steps A..B), or '' for none")
+    first, last = (int(p) for p in parts)
+    require(1 <= first <= last, f"profile_steps={text!r}: need 1 ≤ A ≤ B (steps count from 1, as logged)")
+    return first, last
 
 
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
@@ -168,20 +193,59 @@ def _build_optimizer(task: Task, config: ml_collections.ConfigDict,
     return tx, lr
 
 
+def micro_batches(batch: Any, batch_size: int, k: int) -> Any:
+    """The batch's leaves of `batch_size` rows as (k, batch_size / k, ...): micro-batch i holds rows i, i + k, i + 2k
+    …, so each takes the same share of every device's contiguous rows (no rows change devices). Other leaves (e.g.
+    scalars) are repeated for every micro-batch."""
+
+    def split(x):
+        if x.ndim and x.shape[0] == batch_size:
+            return jnp.swapaxes(x.reshape(batch_size // k, k, *x.shape[1:]), 0, 1)
+        return jnp.broadcast_to(x, (k, *x.shape))
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_gradient(task: Task, state: TrainState, batch: Any, model_key: jax.Array, batch_size: int,
+                         k: int) -> tuple[Any, tuple[jax.Array, dict, Any]]:
+    """(scaled grads, (loss, metrics, extra)) of the batch: with k == 1 one backward pass over it; with k > 1 the
+    mean over k micro-batches (`micro_batches`, scanned: one micro-batch's activations live at a time; micro-batch i
+    draws its dropout from fold_in(model_key, i)), the other collections (BatchNorm statistics) threaded through
+    them in order, metrics averaged. For a loss that is a mean over examples this is the full batch's gradient."""
+
+    def grads_of(params, extra, part, key):
+        def scaled(p):
+            loss, (metrics, new_extra) = task.loss_fn(p, extra, part, key)
+            return loss * state.loss_scale, (loss, metrics, new_extra)
+
+        return jax.grad(scaled, has_aux=True)(params)
+
+    if k == 1:
+        return grads_of(state.params, state.extra, batch, model_key)
+
+    def body(carry, xs):
+        total, extra = carry
+        i, part = xs
+        grads, (loss, metrics, extra) = grads_of(state.params, extra, part, jax.random.fold_in(model_key, i))
+        return (jax.tree.map(jnp.add, total, grads), extra), (loss, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (total, extra), (losses, metrics) = jax.lax.scan(body, (zeros, state.extra),
+                                                     (jnp.arange(k), micro_batches(batch, batch_size, k)))
+    mean = lambda tree: jax.tree.map(lambda x: jnp.mean(x, axis=0), tree)
+    return jax.tree.map(lambda g: g / k, total), (jnp.mean(losses), mean(metrics), extra)
+
+
 def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Schedule, seed: int,
-                     dynamic_scaling: bool, ema_decay: float = 0.0) -> Callable:
+                     dynamic_scaling: bool, ema_decay: float = 0.0, batch_size: int = 0,
+                     accum_steps: int = 1) -> Callable:
     def train_step(state: TrainState, inputs: Any, resident: Any = None) -> tuple[TrainState, dict]:
         data_key, model_key = step_keys(seed, state.step)
         if task.resident is None:
             batch = task.make_batch(data_key, inputs, state.step)
         else:
             batch = task.make_batch(data_key, inputs, state.step, resident)
-
-        def scaled(params):
-            loss, (metrics, extra) = task.loss_fn(params, state.extra, batch, model_key)
-            return loss * state.loss_scale, (loss, metrics, extra)
-
-        grads, (loss, metrics, extra) = jax.grad(scaled, has_aux=True)(state.params)
+        grads, (loss, metrics, extra) = accumulated_gradient(task, state, batch, model_key, batch_size, accum_steps)
         grads = jax.tree.map(lambda g: g / state.loss_scale, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -217,7 +281,8 @@ def jit_train_step(task: Task, config: ml_collections.ConfigDict, mesh: Mesh,
     """
     tx, lr = _build_optimizer(task, config, total)
     step_fn = jax.jit(
-        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16", config.ema_decay),
+        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16", config.ema_decay, config.batch_size,
+                         config.get("accum_steps", 1)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
@@ -408,15 +473,30 @@ class Run:
             checkpoints.save(step, state, {"history": history})
             last_saved = step
 
+        profile = profile_steps(config) if main_process else None
+        tracing = False
+
+        def stop_trace() -> None:
+            nonlocal tracing
+            jax.block_until_ready(state)  # the traced steps' device work belongs in the trace
+            jax.profiler.stop_trace()
+            tracing = False
+            logging.info("profile of steps %d..%d written to %s", *profile, path / "profile")
+
         inputs = task.inputs(start)
         try:
             for step in range(start, total):
+                if profile is not None and step + 1 == profile[0]:
+                    jax.profiler.start_trace(str(path / "profile"))
+                    tracing = True
                 t0 = time.perf_counter()
                 item = next(inputs)
                 wait += time.perf_counter() - t0
                 state, metrics = step_fn(state, item, task.resident)
                 pending.append((step + 1, metrics))
                 done = step + 1
+                if tracing and done == profile[1]:
+                    stop_trace()
                 row: dict[str, float] = {}
                 if done % config.log_every_steps == 0 or done == total:
                     row = interval_means()
@@ -446,6 +526,8 @@ class Run:
                     stopped = True
                     break
         finally:
+            if tracing:  # the run ended (or failed) inside the traced steps
+                stop_trace()
             stop.restore()
             try:
                 checkpoints.close()
