@@ -14,7 +14,7 @@ from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.data.augment import augment_config
 from onepfrac_jax.fractals import grid
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
-from onepfrac_jax.parallel.mesh import make_data_mesh, replicated
+from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, pretrain
 
 # 10 classes in batches of 8 on 4 devices: the last evaluation batch is partly padding
@@ -74,7 +74,7 @@ def test_the_batch_picture_is_the_first_batch_de_normalised(run):
     augment = augment_config(config.augment)
     model = classify.build_vit(config, spec.num_classes)
     bank = build_bank(spec, mesh)
-    task = pretrain.make_task(config, spec, model, augment, mesh, jax.device_put(bank.images, replicated(mesh)),
+    task = pretrain.make_task(config, spec, model, augment, mesh, pretrain.packed_bank(bank.images, mesh),
                               bank.class_params, bank.probs)
     # the loop's step 0 key, derived here by hand: fold_in(fold_in(key(seed), step stream 0), step 0), first half
     data_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), 0))[0]

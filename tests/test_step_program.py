@@ -46,13 +46,13 @@ def _bisection_quantile(u, alpha):
 
 
 def test_the_pretrain_step_takes_the_bank_as_an_argument_not_a_constant():
-    config = bench_config(num_classes=32, render_size=256)  # a 2 MB bank of random binary pixels
+    config = bench_config(num_classes=256, render_size=256)  # a 2 MB bank: 256² binary pixels packed 8 a byte
     before = large_constants(lower_pretrain_step(config, "random", closed=True).as_text(), MB)
-    assert before == [("32x256x256xui8", 2 * MB)]  # the old code's closure: the check sees the bank
+    assert before == [("256x256x32xui8", 2 * MB)]  # the old code's closure: the check sees the bank
     text = lower_pretrain_step(config, "random").as_text()
     assert large_constants(text, MB) == []
     main = next(line for line in text.splitlines() if "func.func public @main(" in line)
-    assert "tensor<32x256x256xui8>" in main  # the bank is one of the step's parameters
+    assert "tensor<256x256x32xui8>" in main  # the bank is one of the step's parameters
 
 
 def test_the_bank_as_an_argument_gives_the_closed_over_steps_bits():

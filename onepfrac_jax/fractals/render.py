@@ -42,6 +42,17 @@ def choice_sequence(key: jax.Array, probs: jax.Array, num_steps: int) -> jax.Arr
     return jax.random.choice(key, probs.shape[-1], (num_steps,), p=probs).astype(jnp.int32)
 
 
+def pack_images(images: jax.Array) -> jax.Array:
+    """Canvases (..., S, S) uint8 in {0, VALUE} as bits: (..., S, ⌈S/8⌉) uint8, 8 pixels of a row a byte (first
+    pixel in the high bit): 1/8 of the memory, exact since a rendered pixel takes one of two values."""
+    return jnp.packbits(images > 0, axis=-1)
+
+
+def unpack_images(packed: jax.Array) -> jax.Array:
+    """pack_images' inverse: (..., S, ⌈S/8⌉) bits → (..., S, S) uint8 in {0, VALUE} (canvases are square)."""
+    return jnp.unpackbits(packed, axis=-1, count=packed.shape[-2]) * jnp.uint8(VALUE)
+
+
 def mask_sequence(key: jax.Array, num_points: int) -> jax.Array:
     """A 9-bit patch mask per point (num_points,) int32 in 1..511; bit 3·row + col switches that patch cell.
 

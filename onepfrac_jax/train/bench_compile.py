@@ -13,11 +13,11 @@ crops and the augmentation the demo's (RandomResizedCrop, flips, jitter, mixup/c
 part that depends on the bank, not the model.
 
 Banks: `abstract`, a jax.ShapeDtypeStruct (nothing allocated: an argument's pixels cannot change the program);
-`zeros`, a real zeros bank on the device (RSS then includes it); `random`, random binary pixels like a rendered
-bank's (closed over, a zeros bank would be one cheap splat constant). Passed as an `argument` of the step (how
-pretrain runs now), or as a `constant`: make_batch closes over it and jit embeds it in the program (how pretrain
-ran before), measured up to --closed-up-to classes: a constant over 2 GB would not fit the protobuf XLA
-serialises the program to.
+`zeros`, a real zeros bank on the device (RSS then includes it); `random`, random bits (a bank is packed to 1 bit a
+pixel, as pretrain.run keeps it) (closed over, a zeros bank would be one cheap splat constant). Passed as an
+`argument` of the step (how pretrain runs now), or as a `constant`: make_batch closes over it and jit embeds it in
+the program (how pretrain ran before), measured up to --closed-up-to classes: a constant over 2 GB would not fit the
+protobuf XLA serialises the program to.
 
 The helpers `large_constants` and `while_trip_counts` read a lowered program's StableHLO text; the tests use
 them (tests/test_step_program.py).
@@ -192,14 +192,14 @@ def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", clo
     spec = pretrain.validate(config)
     mesh = make_data_mesh(jax.devices()[:1]) if mesh is None else mesh
     spread = replicated(mesh)
-    shape = (spec.num_classes, spec.image_size, spec.image_size)
+    shape = (spec.num_classes, spec.image_size, math.ceil(spec.image_size / 8))  # packed to bits, as pretrain.run
     params_shape = (spec.num_classes, spec.num_maps, 6)
     images = jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=spread)
     class_params = jax.ShapeDtypeStruct(params_shape, jnp.float32, sharding=spread)
     rng = np.random.default_rng(0)
     if bank != "abstract" and config.data_mode == "bank":  # each mode reads one of the two
         pixels = (np.zeros(shape, np.uint8) if bank == "zeros"
-                  else rng.integers(0, 2, shape, dtype=np.uint8) * np.uint8(255))
+                  else rng.integers(0, 256, shape, dtype=np.uint8))
         images = jax.device_put(pixels, spread)
         del pixels
     elif bank != "abstract":
@@ -275,7 +275,8 @@ def measure(num_classes: int, render_size: int, bank: str, closed: bool, repeats
     trips = while_trip_counts(text)
     lower_s, compile_s, cpu_s = (min(column) for column in zip(*times, strict=True))
     return {"classes": num_classes, "render": render_size, "bank": bank, "closed": closed,
-            "bank_mb": num_classes * render_size**2 / 1e6, "lower_s": lower_s, "compile_s": compile_s,
+            "bank_mb": num_classes * render_size * math.ceil(render_size / 8) / 1e6, "lower_s": lower_s,
+            "compile_s": compile_s,
             "cpu_s": cpu_s, "rss_start_gb": rss.start / 1e9, "rss_peak_gb": rss.peak / 1e9,
             "max_rss_gb": max_rss / 1e9,
             "largest_constant_mb": max((size for _, size in constants), default=0) / 1e6,
