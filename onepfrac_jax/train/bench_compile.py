@@ -177,20 +177,14 @@ def bench_config(num_classes: int, render_size: int) -> ml_collections.ConfigDic
         "total_steps": 10, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64})
 
 
-def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", closed: bool = False,
-                  mesh: jax.sharding.Mesh | None = None, abstract_state: bool = True) -> tuple[Callable, tuple]:
-    """The pre-train stage's jitted train step and its arguments (state, host inputs, resident): a `bank` of BANKS
-    (see the module docstring), closed over by make_batch if `closed` (the code before) else the step's argument;
-    the state abstract (to lower) unless not `abstract_state` (to run). Built by pretrain.make_task and
-    loop.jit_train_step: what `pretrain.run` compiles."""
+def pretrain_task(config: ml_collections.ConfigDict, bank: str, mesh: jax.sharding.Mesh):
+    """pretrain.make_task over a `bank` of BANKS (see the module docstring) replicated on `mesh`, and the
+    configured model: the Task pretrain.run trains, without rendering a bank."""
     from onepfrac_jax.data.augment import augment_config
-    from onepfrac_jax.parallel.mesh import make_data_mesh, replicated
-    from onepfrac_jax.train import classify, loop, pretrain
+    from onepfrac_jax.parallel.mesh import replicated
+    from onepfrac_jax.train import classify, pretrain
 
-    if bank not in BANKS or (closed and bank == "abstract"):
-        raise ValueError(f"bank={bank!r} (closed={closed}) is not one of {BANKS} (a closed-over bank is concrete)")
     spec = pretrain.validate(config)
-    mesh = make_data_mesh(jax.devices()[:1]) if mesh is None else mesh
     spread = replicated(mesh)
     shape = (spec.num_classes, spec.image_size, math.ceil(spec.image_size / 8))  # packed to bits, as pretrain.run
     params_shape = (spec.num_classes, spec.num_maps, 6)
@@ -207,7 +201,23 @@ def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", clo
         class_params = jax.device_put(values.astype(np.float32), spread)
     probs = jnp.full((spec.num_maps,), 1.0 / spec.num_maps)
     model = classify.build_vit(config, spec.num_classes)
-    task = pretrain.make_task(config, spec, model, augment_config(config.augment), mesh, images, class_params, probs)
+    return pretrain.make_task(config, spec, model, augment_config(config.augment), mesh, images, class_params, probs)
+
+
+def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", closed: bool = False,
+                  mesh: jax.sharding.Mesh | None = None, abstract_state: bool = True) -> tuple[Callable, tuple]:
+    """The pre-train stage's jitted train step and its arguments (state, host inputs, resident): a `bank` of BANKS
+    (see the module docstring), closed over by make_batch if `closed` (the code before) else the step's argument;
+    the state abstract (to lower) unless not `abstract_state` (to run). Built by pretrain.make_task and
+    loop.jit_train_step: what `pretrain.run` compiles."""
+    from onepfrac_jax.parallel.mesh import make_data_mesh, replicated
+    from onepfrac_jax.train import loop
+
+    if bank not in BANKS or (closed and bank == "abstract"):
+        raise ValueError(f"bank={bank!r} (closed={closed}) is not one of {BANKS} (a closed-over bank is concrete)")
+    mesh = make_data_mesh(jax.devices()[:1]) if mesh is None else mesh
+    spread = replicated(mesh)
+    task = pretrain_task(config, bank, mesh)
     if closed:  # the code before: make_batch closed over the bank
         batch_of, resident = task.make_batch, task.resident
         task = dataclasses.replace(task, make_batch=lambda key, inputs, step: batch_of(key, inputs, step, resident),
