@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import csv_rows, make_image_folder
+from conftest import TINY_MODEL, csv_rows, make_image_folder
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
@@ -179,3 +179,13 @@ def test_the_export_stage_writes_the_ema_of_a_kept_step_beside_its_weights(finet
     final = load_timm_weights(workdir / "export" / "ema" / "model.safetensors", model)
     at_3 = load_timm_weights(tmp_path / "out" / "export" / "ema" / "model.safetensors", model)
     assert not np.allclose(final["head"]["kernel"], at_3["head"]["kernel"])
+
+
+def test_the_digits_demo_ema_variant_is_the_demo_with_an_ema(tmp_path):
+    demo, variant = finetune_configs.get_config("digits_demo"), finetune_configs.get_config("digits_demo_ema")
+    differing = {k for k in variant.to_dict() if k != "variant" and variant.to_dict()[k] != demo.to_dict()[k]}
+    assert differing == {"ema_decay"} and 0 < variant.ema_decay < 1
+    variant.update(dict(total_steps=4, eval_every_steps=2, log_every_steps=2, **TINY_MODEL))
+    result = finetune.run(variant, str(tmp_path / "run"), make_data_mesh(jax.devices()[:2]))
+    assert 0 <= result.summary["val_top1_ema_final"] <= 100
+    assert (tmp_path / "run" / "export" / "ema" / "model.safetensors").exists()
