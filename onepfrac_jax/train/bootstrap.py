@@ -184,12 +184,12 @@ def make_evaluate(vit: ViT, agent: Agent | SharedAgent, augment: AugmentConfig,
         return vit_hits, agent_hits, total
 
     def evaluate(state: loop.TrainState) -> dict[str, float]:
-        vit_correct = agent_correct = total = 0
+        vit_correct = agent_correct = total = 0  # summed on the device: one fetch per evaluation
         for batch in batches():
             v, a, n = counts(state.params, state.extra, batch)
-            vit_correct, agent_correct, total = vit_correct + int(v), agent_correct + int(a), total + int(n)
-        total = max(total, 1)
-        return {"val_top1_vit": 100.0 * vit_correct / total, "val_top1_agent": 100.0 * agent_correct / total}
+            vit_correct, agent_correct, total = vit_correct + v, agent_correct + a, total + n
+        total = max(int(total), 1)
+        return {"val_top1_vit": 100.0 * int(vit_correct) / total, "val_top1_agent": 100.0 * int(agent_correct) / total}
 
     return evaluate
 

@@ -82,11 +82,11 @@ def make_evaluate(model: ViT, augment: AugmentConfig, batches: Callable[[], Iter
         return top1_correct(logits, batch["label"], batch["mask"])
 
     def evaluate(state: TrainState) -> dict[str, float]:
-        correct = total = 0
+        correct = total = 0  # summed on the device: one fetch per evaluation, not one per batch
         for batch in batches():
             c, n = counts(state.params, batch)
-            correct, total = correct + int(c), total + int(n)
-        return {"val_top1": 100.0 * correct / max(total, 1)}
+            correct, total = correct + c, total + n
+        return {"val_top1": 100.0 * int(correct) / max(int(total), 1)}
 
     return evaluate
 
