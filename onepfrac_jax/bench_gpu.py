@@ -1,7 +1,7 @@
 """The pre-train step on whatever accelerator is present: `python -m onepfrac_jax.bench_gpu`.
 
     python -m onepfrac_jax.bench_gpu                                  # GPU/TPU: the paper's sizes, 128 a device
-    python -m onepfrac_jax.bench_gpu --image-size 64 --batch-per-device 4 --steps 3   # what CI runs on a CPU
+    python -m onepfrac_jax.bench_gpu --models paper_vit_tiny --steps 2   # CPU defaults (32², 2 a device): as CI
 
 One row per model — ViT-Ti/16 on 1,000 classes (`paper_vit_tiny`) and ViT-B/16 on 21,000 (`paper_vit_base_21k`),
 their recipes' augmentation, dtype as `auto` resolves it here — of the loop's own jitted update step
