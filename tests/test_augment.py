@@ -19,6 +19,7 @@ from onepfrac_jax.data.augment import (
     augment_batch,
     augment_config,
     default_augment_config,
+    erase_capacity,
     eval_transform,
     soft_targets,
 )
@@ -317,8 +318,19 @@ def test_random_erasing_pixel_mode():
         assert 0.015 <= box.size / 24**2 <= 0.36
         assert 0.25 <= len(rows) / len(cols) <= 3.4
         noise.append(after[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].ravel())
+        assert len(np.unique(noise[-1])) == noise[-1].size  # every pixel and channel of the box its own draw
     noise = np.concatenate(noise)
     assert abs(noise.mean()) < 0.05 and abs(noise.std() - 1) < 0.05
+
+
+@pytest.mark.parametrize("size", [8, 24, 31, 224])
+def test_erase_capacity_bounds_every_box_that_fits(size):
+    # Every (area, log-aspect) on a fine grid over timm's ranges, rounded as _erase rounds them.
+    area = size * size * np.linspace(0.02, 1 / 3, 400)[:, None]
+    aspect = np.exp(np.linspace(math.log(0.3), math.log(1 / 0.3), 400))[None, :]
+    h, w = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
+    fits = (h < size) & (w < size)
+    assert (h * w)[fits].max() <= erase_capacity(size) < size * size
 
 
 def test_color_jitter_factors_and_grey_preservation():
@@ -451,3 +463,68 @@ def test_mixup_lambda_is_beta_distributed():
         lam = np.asarray(jax.jit(jax.vmap(lambda v, a=alpha: _beta_symmetric(v, a)))(u))
         assert abs(lam.mean() - 0.5) < 0.02 and abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.006
     np.testing.assert_allclose(lam, u, atol=1e-6)  # Beta(1, 1) is the uniform: the quantile of u is u
+
+
+# ---------------------------------------------------------------- grey batches: one channel, exactly the RGB result
+
+
+def _grey_images(b=8, size=24) -> np.ndarray:
+    """Grey images of two kinds: smooth levels, and binary 0/255 ones like the fractal banks'."""
+    smooth = images_u8(b // 2, size, size)[..., 0]
+    binary = np.where(images_u8(b - b // 2, size, size, seed=1)[..., 0] > 128, 255, 0).astype(np.uint8)
+    return np.concatenate([smooth, binary])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        _RECIPE,  # mean 0.5: a grey fill, so RandAugment runs on the one channel
+        dict(_RECIPE, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),  # a coloured fill: RGB from RandAugment
+        dict(size=16, crop="pad_crop", hflip=0.5, re_prob=0.5),
+    ],
+    ids=["recipe", "imagenet-mean", "pad-crop"],
+)
+def test_grey_batch_is_its_rgb_repeat_bit_for_bit(overrides):
+    cfg = make_cfg(**overrides)
+    grey = _grey_images()
+    out, targets = run(cfg, grey)
+    rgb_out, rgb_targets = run(cfg, np.repeat(grey[..., None], 3, axis=-1))
+    assert out.shape == rgb_out.shape == (8, 16, 16, 3)
+    np.testing.assert_array_equal(out, rgb_out)
+    np.testing.assert_allclose(targets, rgb_targets, rtol=0, atol=6e-8)
+
+
+def test_grey_batch_costs_a_fraction_of_its_rgb_repeat():
+    # Crop, flips, RandAugment and jitter on one channel: their pixel work is a third; the draws and the
+    # tables are not per pixel, hence under a half rather than a third (measured 0.44).
+    cfg = make_cfg(**_PER_EXAMPLE, auto_augment="rand-m9-mstd0.5-inc1", force_color_jitter=True)
+
+    def flops(channels_shape):
+        args = (KEY, jnp.zeros(channels_shape, jnp.uint8), jnp.zeros(8, jnp.int32), jnp.arange(8))
+        cost = jax.jit(lambda k, x, y, i: augment_batch(cfg, k, x, y, i, 10)).lower(*args).compile().cost_analysis()
+        return float((cost[0] if isinstance(cost, list | tuple) else cost)["flops"])
+
+    assert flops((8, 64, 64)) < 0.5 * flops((8, 64, 64, 3))
+
+
+def test_eval_transform_of_grey_is_its_rgb_repeat():
+    cfg = make_cfg(size=16, interpolation="bicubic", crop_pct=0.875, mean=(0.485, 0.456, 0.406))
+    grey = _grey_images(4, 30)
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    np.testing.assert_array_equal(np.asarray(eval_transform(cfg, grey)), np.asarray(eval_transform(cfg, rgb)))
+    with pytest.raises(ValueError, match="grey"):
+        eval_transform(cfg, rgb[..., :2])
+
+
+@pytest.mark.parametrize("op", range(len(ra.OPS)))
+def test_rand_augment_op_on_one_channel_is_any_channel_of_rgb(op):
+    grey = _grey_images(2, 20)[1].astype(np.float32)  # a binary image: AutoContrast and Equalize see two levels
+    rgb = np.repeat(grey[..., None], 3, axis=-1)
+    one = ra.apply_op(jnp.asarray(grey[..., None]), op, 7.0, -1.0, fill=(128, 128, 128))
+    three = ra.apply_op(jnp.asarray(rgb), op, 7.0, -1.0, fill=(128, 128, 128))
+    np.testing.assert_array_equal(np.asarray(three), np.repeat(np.asarray(one), 3, axis=-1))
+
+
+def test_one_channel_needs_a_grey_fill():
+    with pytest.raises(ValueError, match="grey fill"):
+        ra.apply_op(jnp.zeros((8, 8, 1)), 3, 5.0, fill=_FILL)

@@ -400,6 +400,41 @@ def test_threaded_host_iterator_matches_random_access():
     stream.close()
 
 
+def test_worker_processes_give_the_same_stream():
+    ds = _train(seed=2)
+    stream = pipeline.host_iterator(ds, start=3, num_threads=1, prefetch_batches=2, worker_count=2)
+    assert [_ids(next(stream)) for _ in range(5)] == [_ids(ds[s]) for s in range(3, 8)]
+    stream.close()
+
+
+def test_data_worker_count_reaches_the_host_iterator(sharding, monkeypatch):
+    from onepfrac_jax.configs.finetune import data_config
+
+    section = data_config("digits", 8, "val")
+    seen = []
+    host_iterator = pipeline.host_iterator
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["worker_count"])
+        return host_iterator(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "host_iterator", spy)
+    batches = {}
+    for workers in (0, 2):
+        section.worker_count = workers
+        inputs = pipeline.open_host_data(section, seed=0, global_batch=8, sharding=sharding).inputs(4)
+        batches[workers] = [next(inputs) for _ in range(2)]
+        inputs.close()
+    assert seen == [0, 2]
+    for ours, theirs in zip(batches[0], batches[2], strict=True):
+        for key in ("image", "label", "index"):
+            np.testing.assert_array_equal(ours[key], theirs[key])
+    assert np.asarray(batches[2][1]["index"]).tolist() == list(range(40, 48))
+    section.worker_count = -1
+    with pytest.raises(ConfigError, match=r"data\.worker_count=-1 must be an int >= 0"):
+        pipeline.open_host_data(section, seed=0, global_batch=8, sharding=sharding)
+
+
 @pytest.fixture(scope="module")
 def sharding() -> NamedSharding:
     return NamedSharding(jax.make_mesh((4,), ("data",)), P("data"))

@@ -1,7 +1,8 @@
 """Every random augmentation, on the device: one module for pre-training, fine-tuning and bootstrapping.
 
-`augment_batch` takes a uint8 batch (B, H, W, 3) with int labels, possibly sharded over the mesh's `data`
-axis, and returns normalised images (B, S, S, 3) and soft targets (B, num_classes), inside `jax.jit`. The
+`augment_batch` takes a uint8 batch (B, H, W, 3), or a grey one (B, H, W), with int labels, possibly sharded over
+the mesh's `data` axis, and returns normalised images (B, S, S, 3) and soft targets (B, num_classes), inside
+`jax.jit`. The
 order is timm's `create_transform(is_training=True)` followed by timm's `Mixup` on the normalised batch
 (what 1p-frac's training code runs: no prefetcher, so erasing comes before mixing):
 
@@ -9,6 +10,12 @@ order is timm's `create_transform(is_training=True)` followed by timm's `Mixup` 
     → [whole batch] mixup / cutmix + label smoothing
 
 Up to erasing, each step works on whole grey levels in [0, 255] and rounds as Pillow does on uint8 images.
+
+A grey batch (the fractal banks) is augmented on ONE channel for as long as that is exact — the result is then
+bit for bit the RGB batch `repeat(grey, 3)`'s (tests/test_augment.py) at a third of the pixel work: crop + resize,
+flips, RandAugment and colour jitter all map R = G = B to R = G = B channel by channel, so the channel becomes RGB
+where the first op can make channels differ: normalisation (a per-channel mean and std), erasing (per-channel
+noise), or RandAugment already when its warps' fill colour (round(255 · mean)) is not grey.
 
 Keying: with `key` the step's key (`fold_in(seed_key, step)`, a key used for nothing else),
 `example_key, batch_key = split(key)`; example i's draws come from `fold_in(example_key, indices[i])`,
@@ -34,11 +41,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.scipy.special import ndtri
+from jax.scipy.special import erfinv
 from jax.typing import DTypeLike
 
 from onepfrac_jax.config import require, require_choice
-from onepfrac_jax.data.randaugment import RandAugmentSpec, color_jitter, parse_rand_augment, rand_augment
+from onepfrac_jax.data.randaugment import (
+    RandAugmentSpec,
+    color_jitter,
+    grey_fill,
+    parse_rand_augment,
+    rand_augment,
+)
 
 CROPS = ("rrc", "resize", "pad_crop")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -226,7 +239,12 @@ def _round_levels(x: jax.Array) -> jax.Array:
 
 
 def _resize(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
-    """Pillow's two-pass resize of an (H, W, C) image: horizontal pass, store as uint8, vertical, store."""
+    """Pillow's two-pass resize of an (H, W, C) image: horizontal pass, store as uint8, vertical, store.
+
+    The passes are float32 matmuls at HIGHEST precision, kept on purpose: each pass is rounded to whole levels, and
+    at the GPUs' default TF32 (10-bit mantissa) or bfloat16 a sum of up to ~255 gives errors of 0.1–1 level that
+    move results across a rounding boundary, away from Pillow's pixels. On one channel the exact passes cost a third
+    of what they did on three."""
     x = _round_levels(jnp.einsum("hwc,ow->hoc", x, cols, precision=jax.lax.Precision.HIGHEST))
     return _round_levels(jnp.einsum("hoc,ph->poc", x, rows, precision=jax.lax.Precision.HIGHEST))
 
@@ -299,8 +317,23 @@ def _normalise(x: jax.Array, cfg: AugmentConfig) -> jax.Array:
     return (x / 255.0 - jnp.asarray(cfg.mean, jnp.float32)) / jnp.asarray(cfg.std, jnp.float32)
 
 
+def erase_capacity(size: int) -> int:
+    """An upper bound on the pixels of an erasing box in an S × S image: what the box's noise needs per channel.
+
+    The box has h = round(√(A·r)), w = round(√(A/r)) with A ≤ S²/3 and h, w < S, so
+    h·w ≤ A + (√(A·r) + √(A/r))/2 + 1/4 ≤ S²/3 + (S + S/3)/2 + 1/4 < S²/3 + S + 1 (√(A·r)·√(A/r) = A ≤ S²/3 and
+    both are below S + ½: their sum is at most S + ½ + A/S).
+    """
+    return size * size // 3 + size + 1
+
+
 def _erase(x: jax.Array, u: jax.Array, noise: jax.Array, p: float) -> jax.Array:
-    """timm RandomErasing(p, mode='pixel', count 1) on a normalised image: one box of N(0, 1) `noise`."""
+    """timm RandomErasing(p, mode='pixel', count 1) on a normalised image: one box of N(0, 1) noise.
+
+    `noise` (3, erase_capacity(S)) holds the box's values as timm draws them, a (3, h, w) tensor in row-major
+    order: pixel (top + r, left + c) of channel k takes noise[k, r·w + c]. Only a box's worth is drawn, not an
+    image's: the noise was most of the augmentation's time when it covered the image.
+    """
     height, width, _ = x.shape
     area = height * width * _uniform(u[1 : 1 + _RETRIES], *_ERASE_AREA)
     aspect = jnp.exp(_uniform(u[1 + _RETRIES : 1 + 2 * _RETRIES], *_ERASE_LOG_ASPECT))
@@ -315,26 +348,38 @@ def _erase(x: jax.Array, u: jax.Array, noise: jax.Array, p: float) -> jax.Array:
     cols = jnp.arange(width)[None, :]
     box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
     erase = box & fits[first] & (u[0] < p)
-    return jnp.where(erase[..., None], noise.astype(x.dtype), x)
+    position = jnp.where(box, (rows - top) * w + (cols - left), 0)
+    values = jnp.moveaxis(noise[:, position], 0, -1)
+    return jnp.where(erase[..., None], values.astype(x.dtype), x)
+
+
+def _rgb(x: jax.Array) -> jax.Array:
+    """An (…, C) image as RGB: a grey channel repeated, RGB unchanged."""
+    return jnp.broadcast_to(x, (*x.shape[:-1], 3))
 
 
 def _augment_example(image: jax.Array, key: jax.Array, cfg: AugmentConfig) -> jax.Array:
-    """One uint8 (H, W, 3) image → normalised float32 (S, S, 3), everything before mixing."""
+    """One uint8 (H, W, 3) or grey (H, W, 1) image → normalised float32 (S, S, 3), everything before mixing;
+    a grey image stays one channel until an op could make channels differ (see the module docstring)."""
     layers = cfg.rand_augment.num_layers if cfg.rand_augment is not None else 0
     block = max(_BLOCK, 4 * layers)
-    noise_size = cfg.size * cfg.size * 3 if cfg.re_prob > 0 else 0
+    noise_size = 3 * erase_capacity(cfg.size) if cfg.re_prob > 0 else 0
     draws = jax.random.uniform(key, (5 * block + noise_size,))
     u = draws[: 5 * block].reshape(5, block)
     x = _crop_resize(image.astype(jnp.float32), u[_CROP], cfg)
     x = _flips(x, u[_FLIP], cfg)
     if cfg.rand_augment is not None:
+        if not grey_fill(cfg.fill):
+            x = _rgb(x)
         x = rand_augment(x, u[_RAND_AUGMENT], cfg.rand_augment, fill=cfg.fill, interpolation=cfg.interpolation)
     if cfg.color_jitter is not None:
         x = color_jitter(x, u[_JITTER], cfg.color_jitter)
-    x = _normalise(x, cfg)
+    x = _normalise(_rgb(x), cfg)
     if cfg.re_prob > 0:
-        # Clipped away from 0 so that ndtri stays finite: the noise is N(0, 1) truncated at ±5.3σ.
-        noise = ndtri(jnp.clip(draws[5 * block :], 2.0**-24, 1.0 - 2.0**-24)).reshape(x.shape)
+        # The inverse normal CDF, √2·erfinv(2u − 1) (ndtri(u) compiled to slower code in this program), of draws
+        # clipped away from 0 and 1 so that it stays finite: N(0, 1) truncated at ±5.3σ.
+        clipped = jnp.clip(draws[5 * block :], 2.0**-24, 1.0 - 2.0**-24)
+        noise = (math.sqrt(2.0) * erfinv(2.0 * clipped - 1.0)).reshape(3, -1)
         x = _erase(x, u[_ERASE], noise, cfg.re_prob)
     return x
 
@@ -435,12 +480,12 @@ def augment_batch(
     num_classes: int,
     dtype: DTypeLike = jnp.float32,
 ) -> tuple[jax.Array, jax.Array]:
-    """Training augmentation: uint8 (B, H, W, 3) → images (B, S, S, 3) in `dtype`, float32 targets (B, K).
+    """Training augmentation: uint8 (B, H, W, 3) or grey (B, H, W) → images (B, S, S, 3) in `dtype`, float32
+    targets (B, K); a grey batch gives exactly what its RGB repeat would, computed on one channel.
 
     `key` is this step's key, `indices` the examples' global indices (B,); see the module docstring.
     """
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
+    images = _with_channels(images)
     example_key, batch_key = jax.random.split(key)
     keys = jax.vmap(lambda i: jax.random.fold_in(example_key, i))(indices)
     x = jax.vmap(lambda image, k: _augment_example(image, k, cfg))(images, keys)
@@ -448,10 +493,19 @@ def augment_batch(
     return x.astype(dtype), targets
 
 
-def eval_transform(cfg: AugmentConfig, images: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
-    """timm's eval transform: short side to floor(S / crop_pct), centre crop S × S, normalise; not random."""
+def _with_channels(images: jax.Array) -> jax.Array:
+    """(B, H, W, 3) as it is, grey (B, H, W) as (B, H, W, 1); anything else is an error."""
+    if images.ndim == 3:
+        return images[..., None]
     if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (B, H, W, 3), got {images.shape}")
+        raise ValueError(f"images must be (B, H, W, 3) or grey (B, H, W), got {images.shape}")
+    return images
+
+
+def eval_transform(cfg: AugmentConfig, images: jax.Array, dtype: DTypeLike = jnp.float32) -> jax.Array:
+    """timm's eval transform: short side to floor(S / crop_pct), centre crop S × S, normalise; not random.
+    Takes (B, H, W, 3) or grey (B, H, W), resized on its one channel and made RGB to normalise."""
+    images = _with_channels(images)
     _, height, width, _ = images.shape
     size = cfg.size
     short = math.floor(size / cfg.crop_pct)
@@ -466,4 +520,4 @@ def eval_transform(cfg: AugmentConfig, images: jax.Array, dtype: DTypeLike = jnp
     x = images.astype(jnp.float32)
     if (height, width) != (size, size) or new_h != size:
         x = jax.vmap(lambda image: _resize(image, rows, cols))(x)
-    return _normalise(x, cfg).astype(dtype)
+    return _normalise(_rgb(x), cfg).astype(dtype)

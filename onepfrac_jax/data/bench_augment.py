@@ -3,12 +3,16 @@
 Prints one row per case: the full pre-training augmentation of SPEC §A4 (RandomResizedCrop, flips,
 RandAugment rand-m9-mstd0.5-inc1, erasing, mixup/cutmix, label smoothing; colour jitter forced on, which
 timm would skip under RandAugment, so the figure is an upper bound on the work) and the eval transform, on
-whatever device JAX picks. Timings exclude compilation (reported apart) and are the median of a few calls;
-on a shared machine they are noisy.
+whatever device JAX picks. The 'in' column says what goes in: RGB images, or grey ones — the fractal banks' —
+which augment_batch keeps on one channel while that is exact; the 'RGB repeat' rows feed the same grey images
+repeated to three channels, the way the pre-train step did before, so each pair is the before/after of that
+change measured in one run. Timings exclude compilation (reported apart) and are the median of a few calls;
+on a shared machine they are noisy (the load average is printed).
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 
@@ -70,43 +74,58 @@ def _time(fn, *args) -> tuple[float, float]:
     return first, statistics.median(times)
 
 
-def bench_train(batch: int, in_size: int, out_size: int) -> tuple[float, float]:
+def _images(batch: int, in_size: int, kind: str) -> jax.Array:
+    """'rgb': random RGB levels; 'grey': binary 0/255 images like a bank's; 'RGB repeat': those, as three channels."""
+    rng = np.random.default_rng(0)
+    if kind == "rgb":
+        return jnp.asarray(rng.integers(0, 256, (batch, in_size, in_size, 3), dtype=np.uint8))
+    grey = np.where(rng.random((batch, in_size, in_size)) < 0.3, 255, 0).astype(np.uint8)
+    return jnp.asarray(grey if kind == "grey" else np.repeat(grey[..., None], 3, axis=-1))
+
+
+def bench_train(kind: str, batch: int, in_size: int, out_size: int) -> tuple[float, float]:
     cfg = pretrain_config(out_size)
     seed_key = jax.random.key(0)
     step_fn = jax.jit(
         lambda step, x, y, i: augment_batch(cfg, jax.random.fold_in(seed_key, step), x, y, i, NUM_CLASSES)
     )
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.integers(0, 256, (batch, in_size, in_size, 3), dtype=np.uint8))
+    images = _images(batch, in_size, kind)
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch))
     return _time(step_fn, images, labels, jnp.arange(batch))
 
 
-def bench_eval(batch: int, in_size: int, out_size: int, crop_pct: float) -> tuple[float, float]:
+def bench_eval(kind: str, batch: int, in_size: int, out_size: int, crop_pct: float) -> tuple[float, float]:
     cfg = eval_config(out_size, crop_pct)
     fn = jax.jit(lambda step, x: eval_transform(cfg, x))
-    images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (batch, in_size, in_size, 3), dtype=np.uint8))
-    return _time(fn, images)
+    return _time(fn, _images(batch, in_size, kind))
 
 
 def main() -> None:
     device = jax.devices()[0]
-    print(f"device: {device.device_kind} × {jax.device_count()} ({device.platform}), jax {jax.__version__}")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"device: {device.device_kind} × {jax.device_count()} ({device.platform}), jax {jax.__version__}; "
+          f"load average {load}")
     print(
-        f"{'transform':<28} {'input':>6} {'output':>6} {'batch':>6} {'compile s':>10} {'ms/batch':>9} {'images/s':>9}"
+        f"{'transform':<22} {'in':<10} {'input':>6} {'output':>6} {'batch':>6} {'compile s':>10} {'ms/batch':>9} "
+        f"{'images/s':>9}"
     )
     cases = [
-        ("pre-train (SPEC §A4)", bench_train, (32, 64, 64)),
-        ("pre-train (SPEC §A4)", bench_train, (128, 64, 64)),
-        ("pre-train (SPEC §A4)", bench_train, (32, 256, 224)),
-        ("eval, crop_pct 0.875", bench_eval, (64, 256, 224, 0.875)),
-        ("eval, CIFAR 32 → 224", bench_eval, (64, 32, 224, 1.0)),
+        ("pre-train (SPEC §A4)", bench_train, ("rgb", 32, 64, 64)),
+        ("pre-train (SPEC §A4)", bench_train, ("rgb", 128, 64, 64)),
+        ("pre-train (SPEC §A4)", bench_train, ("rgb", 32, 256, 224)),
+        ("pre-train (SPEC §A4)", bench_train, ("RGB repeat", 32, 512, 224)),
+        ("pre-train (SPEC §A4)", bench_train, ("grey", 32, 512, 224)),
+        ("eval, crop_pct 0.875", bench_eval, ("rgb", 64, 256, 224, 0.875)),
+        ("eval, crop_pct 0.875", bench_eval, ("RGB repeat", 64, 512, 224, 0.875)),
+        ("eval, crop_pct 0.875", bench_eval, ("grey", 64, 512, 224, 0.875)),
+        ("eval, CIFAR 32 → 224", bench_eval, ("rgb", 64, 32, 224, 1.0)),
     ]
     for name, fn, args in cases:
-        batch, in_size, out_size = args[:3]
+        kind, batch, in_size, out_size = args[:4]
         first, per_call = fn(*args)
         print(
-            f"{name:<28} {in_size:>6} {out_size:>6} {batch:>6} {first:>10.1f} {per_call * 1e3:>9.1f} "
+            f"{name:<22} {kind:<10} {in_size:>6} {out_size:>6} {batch:>6} {first:>10.1f} {per_call * 1e3:>9.1f} "
             f"{batch / per_call:>9.0f}"
         )
 

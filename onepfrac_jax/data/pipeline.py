@@ -18,6 +18,7 @@ from typing import Any
 import grain
 import jax
 import numpy as np
+from absl import flags
 
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.data.sources import Source, make_source, verify_source
@@ -140,6 +141,9 @@ def host_iterator(
     read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
     stream = dataset[start:].to_iter_dataset(read_options)
     if worker_count > 0:
+        # grain's workers read absl flags, parsed by main.py's app.run but not in a notebook, test or bench
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return iter(stream)
 
@@ -216,12 +220,12 @@ class HostData:
         """The training loop's host inputs from step `start`: global batches."""
         iterator = TrainIterator(self.train, seed=self.seed, global_batch=self.global_batch, sharding=self.sharding,
                                  start_step=start, num_threads=self.data.num_threads,
-                                 prefetch_batches=self.data.prefetch_batches)
+                                 prefetch_batches=self.data.prefetch_batches, worker_count=self.data.worker_count)
         return (item for _, item in iterator)
 
     def val_batches(self) -> Iterator[dict[str, jax.Array]]:
         return eval_batches(self.val, global_batch=self.global_batch, sharding=self.sharding,
-                            num_threads=self.data.num_threads)
+                            num_threads=self.data.num_threads, worker_count=self.data.worker_count)
 
     def describe(self) -> str:
         return (f"{self.data.name}: {len(self.train)} train / {len(self.val)} {self.data.eval_split} examples, "
@@ -230,6 +234,8 @@ class HostData:
 
 def open_host_data(data: Any, *, seed: int, global_batch: int, sharding: jax.sharding.Sharding) -> HostData:
     """Opens the `data` section's train and eval splits and checks them before any training step."""
+    for name in ("num_threads", "prefetch_batches", "worker_count"):
+        require(int(data[name]) == data[name] and data[name] >= 0, f"data.{name}={data[name]} must be an int >= 0")
     train = make_source(data, "train")
     val = make_source(data, data.eval_split)
     require(len(train) >= global_batch,

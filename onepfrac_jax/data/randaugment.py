@@ -2,7 +2,10 @@
 
 Images here are float32 (H, W, 3) arrays holding whole numbers in [0, 255]: every op rounds and clips as
 Pillow does on uint8 images, so results follow timm's PIL pipeline to within one grey level (Pillow uses
-fixed-point coefficients and double precision where this module uses float32).
+fixed-point coefficients and double precision where this module uses float32). A grey image may come as one
+channel (H, W, 1): every op here maps an RGB image with R = G = B to one with R = G = B, channel by channel the
+same numbers, so the one channel is exactly any channel of the RGB result — as long as the warps' fill colour is
+grey too (`grey_fill`), which is on the caller to check.
 
 Why the ops are not fifteen whole-image branches of one `lax.switch`: under `vmap` a switch with a per-example
 index runs every branch on every image. Every op in timm's set is one of three image-sized primitives:
@@ -130,14 +133,14 @@ def parse_rand_augment(spec: str) -> RandAugmentSpec:
 class _OpParams(NamedTuple):
     """One op as (table, blend, warp); identities where the op does not use a part."""
 
-    lut: jax.Array  # (3, 256) float32: output grey level per input level and channel
+    lut: jax.Array  # (3, 256) float32: output grey level per input level and channel (a grey image reads row 0)
     blend: jax.Array  # int32 scalar: which degenerate image D to blend with (none, grey, smoothed)
     factor: jax.Array  # float32 scalar: out = D + factor · (x − D)
     affine: jax.Array  # (6,) Pillow AFFINE data: the output pixel centre (X, Y) samples (aX+bY+c, dX+eY+f)
 
 
 class _Stats(NamedTuple):
-    hist: jax.Array  # (3, 256) int32 per-channel histogram
+    hist: jax.Array  # (3, 256) int32 per-channel histogram (a grey image's one row, repeated)
     grey_mean: jax.Array  # int32: Pillow's int(mean(L) + 0.5), the Contrast op's constant image
     height: int
     width: int
@@ -297,7 +300,10 @@ def _branches(increasing: bool) -> tuple:
 
 
 def _grey(x: jax.Array) -> jax.Array:
-    """Pillow's RGB → L conversion, (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16, exact in int32."""
+    """Pillow's RGB → L conversion, (19595 R + 38470 G + 7471 B + 2¹⁵) >> 16, exact in int32; on a one-channel
+    image (R = G = B) that is the level itself, since 19595 + 38470 + 7471 = 2¹⁶."""
+    if x.shape[-1] == 1:
+        return x[..., 0].astype(jnp.int32)
     rgb = x.astype(jnp.int32)
     return (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
 
@@ -309,8 +315,10 @@ def _stats(x: jax.Array, with_hist: bool) -> _Stats:
     grey_mean = (2 * grey_sum + height * width) // (2 * height * width)
     if with_hist:
         # Channel c's level v counts in bin 256·c + v: a scatter with 1-D indices runs twice as fast on CPU.
-        bins = (x.astype(jnp.int32) + 256 * jnp.arange(3)).reshape(-1)
-        hist = jnp.zeros(3 * 256, jnp.int32).at[bins].add(1).reshape(3, 256)
+        channels = x.shape[-1]
+        bins = (x.astype(jnp.int32) + 256 * jnp.arange(channels)).reshape(-1)
+        hist = jnp.zeros(channels * 256, jnp.int32).at[bins].add(1).reshape(channels, 256)
+        hist = jnp.broadcast_to(hist, (3, 256))
     else:
         hist = jnp.zeros((3, 256), jnp.int32)
     return _Stats(hist=hist, grey_mean=grey_mean, height=height, width=width)
@@ -371,15 +379,27 @@ def affine_warp(x: jax.Array, affine: jax.Array, fill: jax.Array, interpolation:
 
 def _apply(x: jax.Array, p: _OpParams, *, fill: jax.Array, interpolation: str, smooth: bool, warp: bool) -> jax.Array:
     """Table, then blend, then warp; `smooth`/`warp` False drop parts no drawable op uses (static)."""
-    x = p.lut.reshape(-1)[x.astype(jnp.int32) + 256 * jnp.arange(3)]
+    channels = x.shape[-1]
+    x = p.lut[:channels].reshape(-1)[x.astype(jnp.int32) + 256 * jnp.arange(channels)]
     degenerate = _grey(x)[..., None].astype(jnp.float32)
     if smooth:
         degenerate = jnp.where(p.blend == _BLEND_SMOOTH, _smooth(x), degenerate)
     blended = jnp.floor(jnp.clip(degenerate + p.factor * (x - degenerate), 0.0, 255.0))
     x = jnp.where(p.blend == _BLEND_NONE, x, blended)
     if warp:
-        x = affine_warp(x, p.affine, fill, interpolation)
+        x = affine_warp(x, p.affine, fill[:channels], interpolation)
     return x
+
+
+def grey_fill(fill: tuple[int, ...]) -> bool:
+    """Whether a fill colour keeps a grey image grey (all its channels equal)."""
+    return len(set(fill)) == 1
+
+
+def _fill_value(x: jax.Array, fill: tuple[int, ...]) -> jax.Array:
+    if x.shape[-1] == 1 and not grey_fill(fill):
+        raise ValueError(f"a one-channel image needs a grey fill colour, got {fill}: expand it to RGB first")
+    return jnp.asarray(fill, jnp.float32)
 
 
 def apply_op(
@@ -400,7 +420,7 @@ def apply_op(
         jnp.asarray(sign, jnp.float32),
         _stats(x, with_hist=True),
     )
-    return _apply(x, p, fill=jnp.asarray(fill, jnp.float32), interpolation=interpolation, smooth=True, warp=True)
+    return _apply(x, p, fill=_fill_value(x, fill), interpolation=interpolation, smooth=True, warp=True)
 
 
 def rand_augment(
@@ -411,7 +431,7 @@ def rand_augment(
     `u` holds uniform draws in [0, 1), at least 4 per layer: op, apply, magnitude, sign.
     """
     branches = _branches(spec.increasing)
-    fill_value = jnp.asarray(fill, jnp.float32)
+    fill_value = _fill_value(x, fill)
 
     def layer(x: jax.Array, u_layer: jax.Array) -> tuple[jax.Array, None]:
         u_op, u_apply, u_magnitude, u_sign = u_layer

@@ -2,6 +2,7 @@
 
     python -m onepfrac_jax.models.bench_memory                        # 128 images per device, f32/bf16/f16 × remat
     python -m onepfrac_jax.models.bench_memory --batch 64 --dtypes bfloat16 --remat on
+    python -m onepfrac_jax.models.bench_memory --dtypes float32,bfloat16 --remat off --accum 1,2,4   # accumulation
 
 Each row lowers and compiles the update step the training loop runs (`loop.jit_train_step`: AdamW, the soft-target
 loss, float16's dynamic loss scaling, donated state) for one device, from ShapeDtypeStructs, and prints
@@ -34,7 +35,8 @@ USABLE = 0.9
 KEEP_REMAT_FLAG = "--xla_disable_hlo_passes=cse_barrier_expander"
 
 
-def measure(dtype: str, remat: bool, batch: int, model_name: str, num_classes: int, compile: bool = True) -> dict:
+def measure(dtype: str, remat: bool, batch: int, model_name: str, num_classes: int, compile: bool = True,
+            accum_steps: int = 1) -> dict:
     """memory_analysis() of one compiled update step and its compile seconds (when `compile`), and the bytes of the
     residuals the forward pass leaves for the backward (jax.vjp's closure, traced only: no backend involved)."""
     import jax
@@ -45,7 +47,8 @@ def measure(dtype: str, remat: bool, batch: int, model_name: str, num_classes: i
     from onepfrac_jax.train import classify, loop
 
     config = pretrain_configs.get_config("paper_vit_base_21k")
-    config.update(dict(model=model_name, num_classes=num_classes, dtype=dtype, remat=remat, batch_size=batch))
+    config.update(dict(model=model_name, num_classes=num_classes, dtype=dtype, remat=remat, batch_size=batch,
+                       accum_steps=accum_steps))
     model = classify.build_vit(config, num_classes)
     size = config.image_size
     task = loop.Task(
@@ -68,7 +71,8 @@ def measure(dtype: str, remat: bool, batch: int, model_name: str, num_classes: i
         loss = lambda p: task.loss_fn(p, {}, batch, jax.random.key(0))[0]
         return jax.vjp(loss, params)[1]
 
-    closure = jax.eval_shape(backward_closure, state.params, inputs)
+    micro = {k: jax.ShapeDtypeStruct((batch // accum_steps, *v.shape[1:]), v.dtype) for k, v in inputs.items()}
+    closure = jax.eval_shape(backward_closure, state.params, micro)  # one micro-batch's: they live one at a time
     residuals = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(closure))
     if not compile:
         return dict(residuals=residuals, params=params)
@@ -86,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128, help="images per device")
     parser.add_argument("--dtypes", default="float32,bfloat16,float16", help="comma-separated computation dtypes")
     parser.add_argument("--remat", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--accum", default="1", help="comma-separated accum_steps (micro-batches per step)")
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--num_classes", type=int, default=21_000)
     parser.add_argument("--xla_cpu_drops_remat", action="store_true",
@@ -105,23 +110,26 @@ def main() -> None:
         print("XLA:CPU's buffer assignment: estimates of a GPU's (see the module docstring)")
     print(f"GiB per device; 'fits' = peak ≤ {USABLE:.0%} of the card's 16 or 32 GiB; 'residuals': what the forward "
           f"pass keeps for the backward, traced (no backend: bfloat16/float16 as a GPU keeps them; params included)\n")
-    header = ["dtype", "remat", "residuals"]
+    header = ["dtype", "remat", "accum_steps", "residuals"]
     if not args.no_compile:
         header += ["arguments", "outputs", "aliased", "temporaries", "peak", *(f"V100 {gb} GB" for gb in V100_GB),
                    "compile s"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * 2 + "---:|" * (len(header) - 2))
+    accums = [int(k) for k in args.accum.split(",")]
     remats = {"off": (False,), "on": (True,), "both": (False, True)}[args.remat]
     params = 0
     for dtype in args.dtypes.split(","):
         for remat in remats:
-            r = measure(dtype, remat, args.batch, args.model, args.num_classes, compile=not args.no_compile)
-            params = r["params"]
-            cells = [dtype, "on" if remat else "off", f"{r['residuals'] / GIB:.2f}"]
-            if not args.no_compile:
-                fits = ["yes" if r["peak"] <= USABLE * gb * GIB else "no" for gb in V100_GB]
-                cells += [*(f"{r[k] / GIB:.2f}" for k in ("argument", "output", "alias", "temp", "peak")), *fits,
-                          f"{r['seconds']:.0f}"]
-            print("| " + " | ".join(cells) + " |", flush=True)
+            for accum in accums:
+                r = measure(dtype, remat, args.batch, args.model, args.num_classes, compile=not args.no_compile,
+                            accum_steps=accum)
+                params = r["params"]
+                cells = [dtype, "on" if remat else "off", str(accum), f"{r['residuals'] / GIB:.2f}"]
+                if not args.no_compile:
+                    fits = ["yes" if r["peak"] <= USABLE * gb * GIB else "no" for gb in V100_GB]
+                    cells += [*(f"{r[k] / GIB:.2f}" for k in ("argument", "output", "alias", "temp", "peak")),
+                              *fits, f"{r['seconds']:.0f}"]
+                print("| " + " | ".join(cells) + " |", flush=True)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"\n{params:,} parameters (float32; AdamW keeps two moments of each); host peak RSS {rss:.1f} GiB")
 

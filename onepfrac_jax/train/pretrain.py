@@ -101,7 +101,7 @@ def make_bank_evaluate(model: ViT, augment: AugmentConfig, mesh: Mesh, images: j
     def correct(params, images, start):
         labels = jax.lax.with_sharding_constraint(start + jnp.arange(batch, dtype=jnp.int32), sharding)
         gray = render.unpack_images(images[jnp.minimum(labels, num_classes - 1)])
-        x = eval_transform(augment, jnp.repeat(gray[..., None], 3, axis=-1), model.dtype)
+        x = eval_transform(augment, gray, model.dtype)
         logits = model.apply({"params": params}, x)
         return top1_correct(logits, labels, labels < num_classes)[0]
 
@@ -171,8 +171,8 @@ def make_task(config: ml_collections.ConfigDict, spec: BankSpec, model: ViT, aug
         else:  # fresh chaos-game points for every sample, keyed by its global index
             keys = jax.vmap(lambda i: jax.random.fold_in(render_key, i))(indices)
             gray = jax.vmap(lambda p, k: render_one(p[None], probs, k)[0][0])(bank["class_params"][labels], keys)
-        rgb = jnp.repeat(gray[..., None], 3, axis=-1)
-        x, targets = augment_batch(augment, augment_key, rgb, labels, indices, spec.num_classes, model.dtype)
+        # grey in: augment_batch works on one channel for as long as that is exact
+        x, targets = augment_batch(augment, augment_key, gray, labels, indices, spec.num_classes, model.dtype)
         return {"image": x, "target": targets}
 
     # Each mode gets only the array it reads.
