@@ -9,7 +9,7 @@ training process) — and prints images/s for each setting. The first batch (wor
 What to pick: decode is CPU-bound, so images/s grows with worker_count until the host's cores are busy; the main
 process still has to place batches on the devices, so leave it a core or two. On this project's 2-core CI machine
 the table stops at 2 workers; on a 16-core GPU host the same command with `--workers 0,4,8,14` shows where it
-flattens (see README "Performance").
+flattens (see README "finetune": host input at ImageNet scale).
 """
 
 from __future__ import annotations
