@@ -42,8 +42,9 @@ def data_config(name: str, image_size: int, eval_split: str) -> ml_collections.C
     d.verify_max_files = 50_000
     d.prefetch_batches = 4
     # grain worker processes decoding in parallel, each with num_threads threads; 0: decode in this process. Host
-    # decode is CPU-bound (~150–300 JPEGs/s a core): at ImageNet scale set it near the host's cores less one or two
-    # (python -m onepfrac_jax.data.bench_host measures images/s against it). The batches are the same for any value.
+    # decode is CPU-bound (~150 photo-sized JPEGs/s a core here): at ImageNet scale set it near the host's cores
+    # less one or two (python -m onepfrac_jax.data.bench_host measures images/s against it). The batches are the
+    # same for any value.
     d.worker_count = 0
     return d
 

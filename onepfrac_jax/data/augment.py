@@ -2,9 +2,8 @@
 
 `augment_batch` takes a uint8 batch (B, H, W, 3), or a grey one (B, H, W), with int labels, possibly sharded over
 the mesh's `data` axis, and returns normalised images (B, S, S, 3) and soft targets (B, num_classes), inside
-`jax.jit`. The
-order is timm's `create_transform(is_training=True)` followed by timm's `Mixup` on the normalised batch
-(what 1p-frac's training code runs: no prefetcher, so erasing comes before mixing):
+`jax.jit`. The order is timm's `create_transform(is_training=True)` followed by timm's `Mixup` on the normalised
+batch (what 1p-frac's training code runs: no prefetcher, so erasing comes before mixing):
 
     crop + resize → hflip → vflip → RandAugment → colour jitter → /255, −mean, /std → random erasing
     → [whole batch] mixup / cutmix + label smoothing
@@ -331,8 +330,8 @@ def _erase(x: jax.Array, u: jax.Array, noise: jax.Array, p: float) -> jax.Array:
     """timm RandomErasing(p, mode='pixel', count 1) on a normalised image: one box of N(0, 1) noise.
 
     `noise` (3, erase_capacity(S)) holds the box's values as timm draws them, a (3, h, w) tensor in row-major
-    order: pixel (top + r, left + c) of channel k takes noise[k, r·w + c]. Only a box's worth is drawn, not an
-    image's: the noise was most of the augmentation's time when it covered the image.
+    order: pixel (top + r, left + c) of channel k takes noise[k, r·w + c]. Only a box's worth is drawn (at most
+    about a third of the image), not an image's.
     """
     height, width, _ = x.shape
     area = height * width * _uniform(u[1 : 1 + _RETRIES], *_ERASE_AREA)
@@ -376,8 +375,8 @@ def _augment_example(image: jax.Array, key: jax.Array, cfg: AugmentConfig) -> ja
         x = color_jitter(x, u[_JITTER], cfg.color_jitter)
     x = _normalise(_rgb(x), cfg)
     if cfg.re_prob > 0:
-        # The inverse normal CDF, √2·erfinv(2u − 1) (ndtri(u) compiled to slower code in this program), of draws
-        # clipped away from 0 and 1 so that it stays finite: N(0, 1) truncated at ±5.3σ.
+        # The inverse normal CDF, √2·erfinv(2u − 1) (= ndtri(u)), of draws clipped away from 0 and 1 so that it
+        # stays finite: N(0, 1) truncated at ±5.3σ.
         clipped = jnp.clip(draws[5 * block :], 2.0**-24, 1.0 - 2.0**-24)
         noise = (math.sqrt(2.0) * erfinv(2.0 * clipped - 1.0)).reshape(3, -1)
         x = _erase(x, u[_ERASE], noise, cfg.re_prob)
