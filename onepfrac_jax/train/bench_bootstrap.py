@@ -24,6 +24,7 @@ from absl import app, flags
 
 from onepfrac_jax.configs import bootstrap as bootstrap_config
 from onepfrac_jax.data import pipeline
+from onepfrac_jax.models import resolve_dtype
 from onepfrac_jax.models.vit import ViT
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
 from onepfrac_jax.train import bootstrap, classify, loop
@@ -62,8 +63,7 @@ def _host_batch(source: RandomSource, batch: int, mesh: Mesh) -> dict[str, jax.A
 def compiled_step(task: loop.Task, config: ml_collections.ConfigDict, mesh: Mesh,
                   item: dict[str, jax.Array]) -> Callable[[], None]:
     """The loop's own jitted train step of `task` as a no-argument call that runs one step to completion."""
-    tx, lr = loop._build_optimizer(task, config, loop.total_steps(config, task.steps_per_epoch))
-    step = jax.jit(loop._make_train_step(task, tx, lr, config.seed, dynamic_scaling=False), donate_argnums=0)
+    step, tx = loop.jit_train_step(task, config, mesh, loop.total_steps(config, task.steps_per_epoch))
     state = loop.init_state(task, tx, config.seed, mesh)
 
     def run() -> None:
@@ -105,8 +105,8 @@ def main(argv: list[str]) -> None:
     del argv
     mesh = make_data_mesh()
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), "
-          f"median of {_STEPS.value} interleaved timed steps after {_WARMUP.value} warm-up, float32")
-    print(f"{'variant':<16}{'px':>5}{'batch':>6}{'ViT ms':>9}{'joint ms':>10}{'joint/ViT':>11}{'shared ms':>11}"
+          f"median of {_STEPS.value} interleaved timed steps after {_WARMUP.value} warm-up")
+    print(f"{'variant':<16}{'dtype':>10}{'px':>5}{'batch':>6}{'ViT ms':>9}{'joint ms':>10}{'joint/ViT':>11}{'shared ms':>11}"
           f"{'shared/ViT':>12}")
     for family in _VARIANTS.value:
         demo = family.startswith("digits")
@@ -124,7 +124,7 @@ def main(argv: list[str]) -> None:
                 steps["vit"] = compiled_step(lone_vit(task, vit, config.image_size), config, mesh, item)
             steps[mode] = compiled_step(task, config, mesh, item)
         times = median_ms(steps)
-        print(f"{family:<16}{config.image_size:>5}{config.batch_size:>6}{times['vit']:>9.1f}{times['joint']:>10.1f}"
+        print(f"{family:<16}{resolve_dtype(config.dtype):>10}{config.image_size:>5}{config.batch_size:>6}{times['vit']:>9.1f}{times['joint']:>10.1f}"
               f"{times['joint'] / times['vit']:>11.2f}{times['shared']:>11.1f}{times['shared'] / times['vit']:>12.2f}")
 
 
