@@ -106,8 +106,8 @@ def main(argv: list[str]) -> None:
     mesh = make_data_mesh()
     print(f"JAX {jax.__version__} on {jax.devices()[0].device_kind} ({jax.device_count()} device(s)), "
           f"median of {_STEPS.value} interleaved timed steps after {_WARMUP.value} warm-up")
-    print(f"{'variant':<16}{'dtype':>10}{'px':>5}{'batch':>6}{'ViT ms':>9}{'joint ms':>10}{'joint/ViT':>11}{'shared ms':>11}"
-          f"{'shared/ViT':>12}")
+    print(f"{'variant':<16}{'dtype':>10}{'px':>5}{'batch':>6}{'ViT ms':>9}{'joint ms':>10}{'joint/ViT':>11}"
+          f"{'shared ms':>11}{'shared/ViT':>12}")
     for family in _VARIANTS.value:
         demo = family.startswith("digits")
         batch = None if demo and _BATCH.value == _BATCH.default else _BATCH.value
