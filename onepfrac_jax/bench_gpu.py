@@ -4,12 +4,12 @@
     python -m onepfrac_jax.bench_gpu --models paper_vit_tiny --steps 2   # CPU defaults (32², 2 a device): as CI
 
 One row per model — ViT-Ti/16 on 1,000 classes (`paper_vit_tiny`) and ViT-B/16 on 21,000 (`paper_vit_base_21k`),
-their recipes' augmentation, dtype as `auto` resolves it here — of the loop's own jitted update step
-(loop.jit_train_step over pretrain.make_task, a zeros bank of the configured shape, packed to bits as pretrain.run
-keeps it): images/s and ms per step (median of --steps timed steps after --warmup), the data share (the step's
-make_batch — gather, unpack, augmentation, mixup — jitted alone, its median time over the step's), and MFU: the
-model's FLOPs per step (`compiled.cost_analysis()` of its forward + backward on one device's batch: what the step
-must do whatever the implementation) over the step's time and the device's dense bfloat16/float16 peak
+their recipes' augmentation, dtype and attention kernel as `auto` resolves them here — of the loop's own jitted
+update step (loop.jit_train_step over pretrain.make_task, a zeros bank of the configured shape, packed to bits as
+pretrain.run keeps it): images/s and ms per step (median of --steps timed steps after --warmup), the data share (the
+step's make_batch — gather, unpack, augmentation, mixup — jitted alone, its median time over the step's), and MFU:
+the model's FLOPs per step (`compiled.cost_analysis()` of its forward + backward on one device's batch: what the
+step must do whatever the implementation) over the step's time and the device's dense bfloat16/float16 peak
 (PEAK_TFLOPS, by device kind; an unknown device prints "peak unknown"). On a CPU the defaults are small
 (--image-size 32, 2 a device) so the script stays a smoke test of itself there.
 """
@@ -55,7 +55,7 @@ def measure(variant: str, image_size: int, batch_per_device: int, steps: int, wa
     from onepfrac_jax.configs import pretrain as pretrain_configs
     from onepfrac_jax.models import resolve_dtype
     from onepfrac_jax.parallel.mesh import make_data_mesh
-    from onepfrac_jax.train import loop
+    from onepfrac_jax.train import classify, loop
     from onepfrac_jax.train.bench_compile import pretrain_task
 
     config = pretrain_configs.get_config(variant)
@@ -86,7 +86,8 @@ def measure(variant: str, image_size: int, batch_per_device: int, steps: int, wa
     grad = jax.jit(jax.grad(lambda p: task.loss_fn(p, holder["state"].extra, one, model_key)[0]))
     flops = flops_of(grad.lower(jax.device_get(holder["state"].params)).compile())
     peak = peak_tflops(jax.devices()[0].device_kind)
-    return {"model": variant, "dtype": config.dtype, "batch": config.batch_size, "ms_step": step_ms,
+    return {"model": variant, "dtype": config.dtype, "attention": classify.build_vit(config, 1).attention_impl,
+            "batch": config.batch_size, "ms_step": step_ms,
             "images_s": config.batch_size / step_ms * 1e3, "data_share": data_ms / step_ms,
             "tflop_step_device": flops / 1e12,
             "mfu": None if peak is None else flops / (step_ms / 1e3) / (peak * 1e12)}
@@ -108,14 +109,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{jax.device_count()} × {kind} ({jax.default_backend()}); peak "
           f"{'unknown' if peak is None else f'{peak:g} TFLOP/s a device'}; {args.image_size}², "
           f"{args.batch_per_device} images a device; load average {load}\n")
-    print("| model | dtype | global batch | images/s | ms/step | data share | model TFLOP/step/device | MFU |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| model | dtype | attention | global batch | images/s | ms/step | data share | model TFLOP/step/device | "
+          "MFU |\n|---|---|---|---:|---:|---:|---:|---:|---:|")
     for variant in args.models.split(","):
         row = measure(variant, args.image_size, args.batch_per_device, args.steps, args.warmup)
         mfu = "peak unknown" if row["mfu"] is None else f"{100 * row['mfu']:.1f}%"
-        print(f"| {names.get(variant, variant)} | {row['dtype']} | {row['batch']} | {row['images_s']:.1f} | "
-              f"{row['ms_step']:.1f} | {100 * row['data_share']:.0f}% | {row['tflop_step_device']:.4f} | {mfu} |",
-              flush=True)
+        print(f"| {names.get(variant, variant)} | {row['dtype']} | {row['attention']} | {row['batch']} | "
+              f"{row['images_s']:.1f} | {row['ms_step']:.1f} | {100 * row['data_share']:.0f}% | "
+              f"{row['tflop_step_device']:.4f} | {mfu} |", flush=True)
 
 
 if __name__ == "__main__":

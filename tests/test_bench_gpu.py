@@ -29,11 +29,11 @@ def test_the_benchmark_prints_a_row_of_measurements_per_model(capsys):
     row = next(line for line in out.splitlines() if line.startswith("| ViT-Ti/16, 1k |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     batch = 2 * jax.device_count()  # 2 a device, on every device of the data mesh
-    assert cells[1] == "float32" and cells[2] == str(batch)
-    images_s, ms_step = float(cells[3]), float(cells[4])
+    assert cells[1] == "float32" and cells[2] == "xla" and cells[3] == str(batch)  # 'auto' on a CPU
+    images_s, ms_step = float(cells[4]), float(cells[5])
     assert images_s == pytest.approx(batch / ms_step * 1e3, rel=0.01)
-    share = int(re.fullmatch(r"(\d+)%", cells[5]).group(1))
+    share = int(re.fullmatch(r"(\d+)%", cells[6]).group(1))
     assert 0 < share < 100  # the batch alone takes part of the step, not all of it
     # one device's 2 images, ViT-Ti/16 at 32²: 5 tokens, ~5.5M params → 6 · params · tokens · 2 ≈ 0.33 GFLOP
-    assert 0.0002 < float(cells[6]) < 0.0005
-    assert cells[7] == "peak unknown"
+    assert 0.0002 < float(cells[7]) < 0.0005
+    assert cells[8] == "peak unknown"

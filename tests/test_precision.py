@@ -116,3 +116,90 @@ def test_bad_precision_fields_are_one_config_error(field, value, message):
 
 def test_dtype_names():
     assert list(DTYPES) == ["auto", "float32", "bfloat16", "float16"] and DTYPES["auto"] is None
+
+
+def _probe_that(outcome):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        if outcome is not None:
+            raise outcome
+
+    return probe, calls
+
+
+@pytest.mark.parametrize("devices, dtype, outcome, expected, probed", [
+    ([H100] * 8, "bfloat16", None, "cudnn", True),
+    ([A100], "float16", None, "cudnn", True),
+    ([H100], "bfloat16", NotImplementedError("The head dim must be <= 256"), "xla", True),  # the probe decides
+    ([H100], "float32", None, "xla", False),  # cuDNN flash attention has no float32
+    ([V100] * 8, "float16", None, "xla", False),  # compute capability 7.0
+    ([UNKNOWN_GPU], "bfloat16", None, "xla", False),
+    ([CPU] * 4, "float32", None, "xla", False), ([TPU], "bfloat16", None, "xla", False),
+    ([H100, CPU], "bfloat16", None, "xla", False),
+])
+def test_auto_attention_picks_cudnn_only_where_it_runs(devices, dtype, outcome, expected, probed):
+    probe, calls = _probe_that(outcome)
+    assert precision.resolve_attention("auto", dtype, (197, 12, 64), devices, probe) == expected
+    assert bool(calls) == probed
+    assert precision.resolve_attention("xla", dtype, (197, 12, 64), devices, probe) == "xla"  # stands for itself
+    assert len(calls) == probed  # an explicit name probes nothing
+
+
+def test_auto_attention_says_why(caplog, monkeypatch):
+    monkeypatch.setattr(precision, "_logged", set())
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):  # once per process per outcome
+            precision.resolve_attention("auto", "bfloat16", (197, 12, 64), [H100], _probe_that(None)[0])
+        precision.resolve_attention("auto", "bfloat16", (197, 12, 64), [H100],
+                                    _probe_that(RuntimeError("cuDNN is not detected.\nmore"))[0])
+        precision.resolve_attention("auto", "float16", (197, 12, 64), [V100], _probe_that(None)[0])
+    lines = [r.getMessage() for r in caplog.records if "attention='auto'" in r.getMessage()]
+    assert lines == [
+        "attention='auto' → cudnn: NVIDIA GPUs of compute capability ≥ 8.0; the probe of this shape compiled and "
+        "matched XLA's",
+        "attention='auto' → xla: the cuDNN probe failed (RuntimeError: cuDNN is not detected.)",
+        "attention='auto' → xla: Tesla V100-SXM2-16GB: cuDNN flash attention needs compute capability ≥ 8.0"]
+
+
+@pytest.mark.parametrize("name, devices, dtype, message", [
+    ("flash", [H100], "bfloat16", "attention='flash' is not one of auto, xla, cudnn"),
+    ("cudnn", [CPU], "float32", "attention='cudnn' needs NVIDIA GPUs; these devices are cpu"),
+    ("cudnn", [TPU], "bfloat16", "attention='cudnn' needs NVIDIA GPUs; these devices are tpu"),
+    ("cudnn", [H100], "float32", "attention='cudnn' computes in bfloat16/float16 only; dtype is float32"),
+])
+def test_attention_values_these_devices_cannot_run_are_refused(name, devices, dtype, message):
+    with pytest.raises(ValueError, match=message):
+        precision.resolve_attention(name, dtype, (197, 12, 64), devices, _probe_that(None)[0])
+    assert precision.resolve_attention("cudnn", "bfloat16", (197, 12, 64), [H100] * 8) == "cudnn"
+
+
+def test_the_probe_runs_forward_and_backward_and_catches_a_differing_kernel(monkeypatch):
+    """XLA against itself passes; cuDNN here (a CPU) fails to run, so 'auto' on a GPU whose cuDNN cannot run the
+    shape falls back; a kernel whose output or gradient is off by more than the tolerance fails the probe."""
+    precision.attention_probe(17, 2, 8, "bfloat16", candidate="xla")()  # no exception: the two agree
+    with pytest.raises((RuntimeError, NotImplementedError, ValueError)):  # jax 0.10: "cuDNN is not detected."
+        precision.attention_probe(17, 2, 8, "bfloat16")()
+    picked, why = precision.auto_attention("bfloat16", [H100], precision.attention_probe(17, 2, 8, "bfloat16"))
+    assert picked == "xla" and why.startswith("the cuDNN probe failed")
+    real = jax.nn.dot_product_attention
+
+    def off(q, k, v, implementation=None):  # a 'kernel' 10% off in every output, hence in every gradient
+        out = real(q, k, v, implementation="xla")
+        return out * 1.1 if implementation == "candidate" else out
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", off)
+    with pytest.raises(ValueError, match=r"candidate's output differs from XLA's by 0\.1"):
+        precision.attention_probe(17, 2, 8, "float32", candidate="candidate")()
+
+
+@pytest.mark.parametrize("stage", sorted(CONFIGS))
+def test_every_stage_defaults_to_auto_attention_and_builds_xla_on_cpu(stage):
+    config = CONFIGS[stage]()
+    assert config.attention == "auto"
+    classify.validate_model_fields(config)
+    assert classify.build_vit(config, 10).attention_impl == "xla"
+    config.attention = "cudnn"
+    with pytest.raises(ConfigError, match="attention='cudnn' needs NVIDIA GPUs; these devices are cpu"):
+        classify.validate_model_fields(config)

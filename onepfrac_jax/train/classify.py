@@ -13,7 +13,8 @@ import numpy as np
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
 from onepfrac_jax.export.timm import export_vit
-from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_dtype
+from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_attention, resolve_dtype
+from onepfrac_jax.models.precision import validate_attention
 from onepfrac_jax.train.loop import TrainState
 from onepfrac_jax.train.losses import soft_cross_entropy, top1_correct
 
@@ -31,6 +32,9 @@ def add_model_fields(config: ml_collections.ConfigDict, model: str) -> None:
     # scaling) on 7.x (V100), float32 on CPUs; the log says which (models.precision)
     config.dtype = "auto"
     config.remat = False  # recompute each block in the backward pass: less activation memory, ~1/3 more compute
+    # attention kernel: 'auto' (cuDNN flash attention on NVIDIA GPUs of compute capability ≥ 8.0 in bfloat16/
+    # float16, where a probe of the model's shape runs and matches XLA's; XLA elsewhere; logged), 'xla' or 'cudnn'
+    config.attention = "auto"
 
 
 def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
@@ -39,10 +43,13 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
     try:
         # A run's saved config rebuilt elsewhere (inference, export) takes 'auto' as these devices resolve it;
         # configs saved before `remat` existed have none.
-        dtype = DTYPES[resolve_dtype(config.dtype)]
-        return create_vit(config.model, num_classes=num_classes, img_size=config.image_size,
-                          drop_path_rate=config.drop_path, drop_rate=config.dropout, dtype=dtype,
-                          remat=config.get("remat", False), **overrides)
+        dtype = resolve_dtype(config.dtype)
+        model = create_vit(config.model, num_classes=num_classes, img_size=config.image_size,
+                           drop_path_rate=config.drop_path, drop_rate=config.dropout, dtype=DTYPES[dtype],
+                           remat=config.get("remat", False), **overrides)
+        shape = (model.num_patches + 1, model.num_heads, model.embed_dim // model.num_heads)
+        # configs saved before `attention` existed have none: 'auto', as they ran (XLA's, on the CPUs they ran on)
+        return model.clone(attention_impl=resolve_attention(config.get("attention", "auto"), dtype, shape))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
 
@@ -54,6 +61,10 @@ def validate_model_fields(config: ml_collections.ConfigDict) -> None:
     require(0 <= config.drop_path < 1 and 0 <= config.dropout < 1, "drop_path and dropout must lie in [0, 1)")
     require(isinstance(config.remat, bool), f"remat={config.remat!r} must be True or False")
     require(config.dtype in DTYPES, f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+    try:
+        validate_attention(config.attention, resolve_dtype(config.dtype))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     # The loop turns float16's dynamic loss scaling on by the config's name, so 'auto' that means float16 (V100)
     # is written as 'float16' before the run directory is opened: config.json then says so, and a resume on
     # other hardware is a config change. 'auto' that means float32 or bfloat16 stays 'auto'.
