@@ -8,8 +8,8 @@ paper_vit_tiny: ViT-Ti, 1k classes, Δ 0.1, σ 3.5, batch 256, AdamW 1e-3 × 256
 80,000 epochs of 1,000 images (312,500 steps), RandomResizedCrop + flips + RandAugment + jitter + erasing +
 mixup/cutmix + label smoothing. The paper fine-tunes this to 84.2% on CIFAR-100 (scratch: 64.2%).
 Overrides: total_steps, checkpoint_every_steps, batch_size, seed, num_classes, delta, sigma, image_size, model,
-dtype, attention, data_mode ('bank' | 'fresh'), eval_every_steps (bank_top1), dataset ('1p-frac' | 'ofdb' | 'fractaldb', with
-max_maps, search_fill, weight_step, instances; see configs/generate.py), ...
+dtype, attention, data_mode ('bank' | 'fresh'), eval_every_steps (bank_top1), dataset ('1p-frac' | 'ofdb' |
+'fractaldb', with max_maps, search_fill, weight_step, instances; see configs/generate.py), ...
 paper_vit_tiny_ofdb / paper_vit_tiny_fractaldb: the same recipe on OFDB-1k / FractalDB-1k (paper: 84.0 / 81.6 on C100).
 `--config.dataset=ofdb` (or fractaldb) works with every variant, e.g. the demo.
 """
