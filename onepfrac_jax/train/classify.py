@@ -48,7 +48,7 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
                            drop_path_rate=config.drop_path, drop_rate=config.dropout, dtype=DTYPES[dtype],
                            remat=config.get("remat", False), **overrides)
         shape = (model.num_patches + 1, model.num_heads, model.embed_dim // model.num_heads)
-        # configs saved before `attention` existed have none: 'auto', as they ran (XLA's, on the CPUs they ran on)
+        # configs saved before `attention` existed have none: 'auto' (the kernel changes no parameter)
         return model.clone(attention_impl=resolve_attention(config.get("attention", "auto"), dtype, shape))
     except ValueError as e:
         raise ConfigError(f"model: {e}") from e
