@@ -89,6 +89,7 @@ def resolve_dtype(name: str, devices: Sequence[Any] | None = None) -> str:
 
 ATTENTIONS = (AUTO, "xla", "cudnn")
 _GPU_PLATFORMS = ("gpu", "cuda")
+_CUDNN_DTYPES = ("bfloat16", "float16")  # what cuDNN's flash attention computes in
 # bfloat16 keeps 8 bits of mantissa: cuDNN's and XLA's float32-accumulated results agree to a few of its ulps
 _PROBE_TOLERANCE = 0.05
 _probed: dict[tuple, tuple[str, str]] = {}
@@ -111,7 +112,7 @@ def validate_attention(name: str, dtype: str, devices: Sequence[Any] | None = No
     if any(p not in _GPU_PLATFORMS for p in platforms):
         raise ValueError(f"attention='cudnn' needs NVIDIA GPUs; these devices are {', '.join(platforms)} "
                          f"(use 'auto' or 'xla')")
-    if dtype not in ("bfloat16", "float16"):
+    if dtype not in _CUDNN_DTYPES:
         raise ValueError(f"attention='cudnn' computes in bfloat16/float16 only; dtype is {dtype}")
 
 
@@ -143,7 +144,7 @@ def attention_probe(tokens: int, heads: int, head_dim: int, dtype: str, candidat
 def auto_attention(dtype: str, devices: Sequence[Any], probe: Callable[[], None]) -> tuple[str, str]:
     """(implementation, why) that attention='auto' picks for `devices` computing in `dtype`; `probe` (see
     attention_probe) runs only where cuDNN is a candidate, and any exception it raises means 'xla'."""
-    if dtype not in ("bfloat16", "float16"):
+    if dtype not in _CUDNN_DTYPES:
         return "xla", f"dtype {dtype}: cuDNN flash attention takes bfloat16/float16 only"
     platforms = {str(getattr(d, "platform", "")).lower() for d in devices}
     if not devices or platforms - set(_GPU_PLATFORMS):

@@ -49,13 +49,18 @@ def gather_program(layout: str, mesh, batch: int) -> Callable:
 
 
 def place_bank(layout: str, images: np.ndarray, mesh) -> jax.Array:
-    """The (R, S, S) {0, VALUE} bank as `layout` keeps it on the mesh."""
+    """The (R, S, S) {0, VALUE} bank as `layout` keeps it on the mesh, placed as rendered (split over `data`) first;
+    replicated bits are `pretrain.packed_bank`'s own."""
     from onepfrac_jax.fractals import render
     from onepfrac_jax.parallel.mesh import data_sharding, replicated
+    from onepfrac_jax.train import pretrain
 
-    sharding = replicated(mesh) if layout.startswith("replicated") else data_sharding(mesh)
-    bank = jax.device_put(images, sharding)
-    return jax.jit(render.pack_images, out_shardings=sharding)(bank) if layout.endswith("bits") else bank
+    rendered = jax.device_put(images, data_sharding(mesh))
+    if layout == "replicated bits":
+        return pretrain.packed_bank(rendered, mesh)
+    if layout == "sharded bits":
+        return jax.jit(render.pack_images, out_shardings=data_sharding(mesh))(rendered)
+    return rendered if layout == "sharded bytes" else jax.device_put(images, replicated(mesh))
 
 
 def collectives(compiled: jax.stages.Compiled) -> str:

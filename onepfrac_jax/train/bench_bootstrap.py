@@ -124,8 +124,9 @@ def main(argv: list[str]) -> None:
                 steps["vit"] = compiled_step(lone_vit(task, vit, config.image_size), config, mesh, item)
             steps[mode] = compiled_step(task, config, mesh, item)
         times = median_ms(steps)
-        print(f"{family:<16}{resolve_dtype(config.dtype):>10}{config.image_size:>5}{config.batch_size:>6}{times['vit']:>9.1f}{times['joint']:>10.1f}"
-              f"{times['joint'] / times['vit']:>11.2f}{times['shared']:>11.1f}{times['shared'] / times['vit']:>12.2f}")
+        print(f"{family:<16}{resolve_dtype(config.dtype):>10}{config.image_size:>5}{config.batch_size:>6}"
+              f"{times['vit']:>9.1f}{times['joint']:>10.1f}{times['joint'] / times['vit']:>11.2f}"
+              f"{times['shared']:>11.1f}{times['shared'] / times['vit']:>12.2f}")
 
 
 if __name__ == "__main__":
