@@ -7,17 +7,9 @@ from collections.abc import Sequence
 
 import ml_collections
 
-# stage name -> module whose run(config, workdir) executes it; a config.json naming one marks a run of this project
-STAGES = {
-    "generate": "onepfrac_jax.fractals.generate",
-    "pretrain": "onepfrac_jax.train.pretrain",
-    "finetune": "onepfrac_jax.train.finetune",
-    "bootstrap": "onepfrac_jax.train.bootstrap",
-    "demo": "onepfrac_jax.demo",
-    "export": "onepfrac_jax.export.stage",
-    "evaluate": "onepfrac_jax.train.evaluate",
-    "linear_probe": "onepfrac_jax.train.linear_probe",
-}
+# The stages, each a module onepfrac_jax.stages.<name> with validate(config) and run(config, workdir), and a config
+# file configs/<name>.py; a config.json naming one marks a run of this project.
+STAGES = ("generate", "pretrain", "finetune", "bootstrap", "evaluate", "linear_probe", "export", "demo")
 
 
 class ConfigError(ValueError):

@@ -49,7 +49,7 @@ class Grid:
 
 _BOOT = (("ViT", "val_top1_vit"), ("agent", "val_top1_agent"))
 # 24 epochs, not the demos' 16: at 16 the agents' lift of the ViT (+2.5) is within the lone ViT's seed spread (2.6);
-# at 24 it is 3× the spread (README "Reproducing the papers").
+# at 24 it is 3× the spread (docs/reproducing.md).
 _BOOT_EPOCHS = "--config.num_epochs=24"
 _FT = (("ViT", "val_top1"),)
 _PRETRAIN = "configs/pretrain.py:demo"

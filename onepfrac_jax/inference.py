@@ -9,7 +9,6 @@ the evaluate and linear_probe stages use both.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,31 +18,23 @@ import jax
 import ml_collections
 import numpy as np
 
-from onepfrac_jax.config import STAGES, ConfigError, require, require_choice
+from onepfrac_jax.config import ConfigError, require, require_choice
 from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
 from onepfrac_jax.export.timm import load_timm_weights, read_state_dict
 from onepfrac_jax.models.agent import SharedAgent, materialize_shared_agent
-from onepfrac_jax.rundir import CONFIG_NAME
-from onepfrac_jax.train import bootstrap, classify
+from onepfrac_jax.rundir import read_run_config
+from onepfrac_jax.train import classify, pair
 from onepfrac_jax.train.checkpoint import read_checkpoint
 
-CLASSIFY_STAGES = ("pretrain", "finetune")
-SERVED_STAGES = (*CLASSIFY_STAGES, "bootstrap")
+# the stages that train a model -> (its run's config, checkpoint variables, out dir) -> {name: path}: the files of
+# the run's export/, written by the run's own end and by the export stage
+EXPORTERS = {
+    "pretrain": classify.export_checkpoint,
+    "finetune": classify.export_checkpoint,
+    "bootstrap": pair.export_checkpoint,
+}
+SERVED_STAGES = tuple(EXPORTERS)
 MODELS = ("vit", "agent")  # what a bootstrap run serves
-
-
-def run_config(workdir: Path) -> ml_collections.ConfigDict:
-    """The saved config of the run in `workdir`; ConfigError when workdir holds no run of this project."""
-    path = workdir / CONFIG_NAME
-    try:
-        saved = json.loads(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{workdir} is not a run directory (no readable {CONFIG_NAME}: {e.strerror})") from e
-    except ValueError as e:
-        raise ConfigError(f"{workdir} is not a run directory ({path} is not JSON: {e})") from e
-    require(isinstance(saved, dict) and saved.get("stage") in STAGES,
-            f"{workdir} is not a run directory of this project ({path} names none of its stages)")
-    return ml_collections.ConfigDict(saved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +69,7 @@ def load_classifier(workdir: str | Path, step: int | None = None, model: str = "
     """
     workdir = Path(workdir)
     require_choice("model", model, MODELS)
-    config = run_config(workdir)
+    config = read_run_config(workdir)
     require(config.stage in SERVED_STAGES,
             f"{workdir} is a {config.stage!r} run; only {', '.join(SERVED_STAGES)} runs have a model to serve")
     require(model == "vit" or config.stage == "bootstrap",
@@ -89,7 +80,7 @@ def load_classifier(workdir: str | Path, step: int | None = None, model: str = "
         vit = classify.build_vit(config, classify.head_classes(variables["params"]))
         return Classifier(vit, {"params": variables["params"]}, augment, found)
     params = variables["params"]
-    vit, agent = bootstrap.build_models(config, classify.head_classes(params["vit"]))
+    vit, agent = pair.build_models(config, classify.head_classes(params["vit"]))
     if model == "vit":
         return Classifier(vit, {"params": params["vit"]}, augment, found)
     agent_variables = {"params": params["agent"], "batch_stats": variables["batch_stats"]}

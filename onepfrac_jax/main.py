@@ -7,10 +7,12 @@ import logging as logging_std
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from onepfrac_jax import configs
 from onepfrac_jax.config import STAGES, ConfigError, RunError
 from onepfrac_jax.parallel import distributed
 from onepfrac_jax.train.loop import NonFiniteLossError
@@ -23,11 +25,16 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 # exit codes: 2 bad input (nothing written), 3 non-finite loss or state, 4 a fault of a started run (disk full)
 EXIT_CODES = {ConfigError: 2, NonFiniteLossError: 3, RunError: 4}
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(configs.__file__).resolve().parent  # the repository's configs/, installed as onepfrac_jax.configs
 # Stages whose work XLA:CPU runs one core per device (rendering is scatters and elementwise loops): on a CPU they
 # get one device per core unless --cpu_devices says otherwise. Training keeps one device, whose matmuls and
 # convolutions use every core already.
 CPU_DEVICE_PER_CORE = ("generate",)
+
+
+def stage_module(stage: str) -> ModuleType:
+    """onepfrac_jax.stages.<stage>: its validate(config) and run(config, workdir, mesh=None)."""
+    return importlib.import_module(f"onepfrac_jax.stages.{stage}")
 
 
 def resolve_config_path(value: str) -> str:
@@ -106,7 +113,7 @@ def main(argv: list[str]) -> None:
         distributed.initialize(default_cpu_devices=os.cpu_count() if stage in CPU_DEVICE_PER_CORE else None)
         if stage not in STAGES:
             raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
-        importlib.import_module(STAGES[stage]).run(config, _WORKDIR.value)
+        stage_module(stage).run(config, _WORKDIR.value)
     except (ConfigError, NonFiniteLossError, RunError) as e:
         logging.error("%s", e)
         distributed.fail(e, EXIT_CODES[type(e)])  # with peers failing alike; not held by those in a collective

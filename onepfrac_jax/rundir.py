@@ -51,13 +51,31 @@ def _comparable(data: dict) -> dict:
     return {k: v for k, v in data.items() if k not in RUN_CONTROL_KEYS}
 
 
+def _read_saved(workdir: Path) -> dict:
+    """The run's config.json as written; ConfigError when workdir holds no run of this project."""
+    path = workdir / CONFIG_NAME
+    try:
+        saved = json.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"{workdir} is not a run directory (no readable {CONFIG_NAME}: {e.strerror})") from e
+    except ValueError as e:
+        raise ConfigError(f"{workdir} is not a run directory ({path} is not JSON: {e})") from e
+    require(isinstance(saved, dict) and saved.get("stage") in STAGES,
+            f"{workdir} is not a run directory of this project ({path} names none of its stages)")
+    return saved
+
+
+def read_run_config(workdir: Path) -> ml_collections.ConfigDict:
+    """The saved config of the run in `workdir`; ConfigError when workdir holds no run of this project."""
+    return ml_collections.ConfigDict(_read_saved(workdir))
+
+
 def _saved_config(path: Path) -> dict | None:
     """The run's saved config as a dict; None when `path` holds no readable config.json of this project."""
     try:
-        data = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+        return _read_saved(path)
+    except ConfigError:
         return None
-    return data if isinstance(data, dict) and data.get("stage") in STAGES else None
 
 
 def _contents(path: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 from onepfrac_jax.fractals import render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import pretrain
+from onepfrac_jax.train import bank_task
 
 
 @pytest.mark.parametrize("size", [32, 30])  # 30: a row's last byte is partly padding
@@ -19,7 +19,7 @@ def test_a_rendered_bank_packs_to_an_eighth_and_unpacks_to_the_same_pixels(size)
     bank = build_bank(BankSpec(num_classes=6, image_size=size, pad=2, num_points=2000), mesh)
     images = np.asarray(bank.images)
     assert set(np.unique(images)) == {0, render.VALUE}
-    packed = pretrain.packed_bank(bank.images, mesh)
+    packed = bank_task.packed_bank(bank.images, mesh)
     assert packed.shape == (6, size, math.ceil(size / 8)) and packed.dtype == jnp.uint8
     assert packed.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(render.unpack_images(packed)), images)
@@ -31,4 +31,4 @@ def test_a_rendered_bank_packs_to_an_eighth_and_unpacks_to_the_same_pixels(size)
 def test_a_bank_with_other_pixel_values_is_refused():
     images = jnp.zeros((2, 8, 8), jnp.uint8).at[0, 1, 1].set(200)
     with pytest.raises(ValueError, match="other than 0 and 127"):
-        pretrain.packed_bank(images, make_data_mesh(jax.devices()[:1]))
+        bank_task.packed_bank(images, make_data_mesh(jax.devices()[:1]))

@@ -13,16 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from onepfrac_jax.configs import bootstrap as bootstrap_config
 from safetensors import safe_open
 
 from onepfrac_jax.config import ConfigError, apply_overrides
-from onepfrac_jax.configs import bootstrap as bootstrap_config
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.models.agent import SharedAgent
 from onepfrac_jax.models.vit import create_vit
 from onepfrac_jax.parallel.mesh import data_sharding, make_data_mesh
-from onepfrac_jax.train import bootstrap, checkpoint, finetune
+from onepfrac_jax.stages import bootstrap
+from onepfrac_jax.train import checkpoint, classify, pair
 from onepfrac_jax.train.losses import BootstrapLossWeights
 
 DIM, DEPTH = 48, 2
@@ -44,9 +45,11 @@ def _sources(image_size=16):
 
 
 def _task(config):
+    """The stage's path to its Task: validate, then pair.build_task over host data."""
+    bootstrap.validate(config)
     data = pipeline.HostData(*_sources(config.data.image_size), config.data, config.seed, config.batch_size,
                              data_sharding(make_data_mesh()))
-    return bootstrap.build_task(config, data)
+    return pair.build_task(config, data)
 
 
 def _batch_item(batch=32, size=16, seed=0):
@@ -111,17 +114,17 @@ def test_variants_pair_the_papers_models_with_the_modes_weights():
     for variant in [v for v in bootstrap_config.VARIANTS if not v.endswith("_alone")]:  # baselines: test_experiments
         c = bootstrap_config.get_config(variant)
         assert c.stage == "bootstrap" and c.mode == variant.rsplit("_", 1)[1]
-        paper = bootstrap.PAPER_WEIGHTS[c.mode]
-        # the digits demos divide the hint weight by 10 (README "Bootstrapping at CPU scale")
+        paper = pair.PAPER_WEIGHTS[c.mode]
+        # the digits demos divide the hint weight by 10 (docs/stages.md, "bootstrap")
         want = dataclasses.replace(paper, hint=paper.hint / 10) if variant.startswith("digits_demo") else paper
-        assert bootstrap.loss_weights(c) == want
-        assert c.loss.temperature == 4.0 and bootstrap.hint_layers(c) is None
+        assert pair.loss_weights(c) == want
+        assert c.loss.temperature == 4.0 and pair.hint_layers(c) is None
         if variant.startswith("cifar100"):
             assert (c.augment.crop, c.augment.pad, c.augment.hflip, c.augment.size) == ("pad_crop", 4, 0.5, 224)
             assert (c.batch_size, c.num_epochs, c.optim.lr, c.optim.warmup_epochs) == (64, 240, 1e-3, 0)
     # The paper-size pairs, shapes only: ViT-B/16 against the res_like agent pooled after blocks 2 and 8 gives
     # hint grids 28², 14², 7² against 14² tokens, all within integer ratios.
-    vit, agent = bootstrap.build_models(bootstrap_config.get_config("cifar100_base_shared"), 100)
+    vit, agent = pair.build_models(bootstrap_config.get_config("cifar100_base_shared"), 100)
     assert isinstance(agent, SharedAgent) and agent.down_sample_layers == (2, 8)
     assert (agent.embed_dim, agent.depth, agent.num_heads) == (vit.embed_dim, vit.depth, vit.num_heads) == (384, 12, 6)
     assert agent.dropout == vit.drop_rate == 0.0  # the shared agent's MLP is the ViT's, dropout included
@@ -130,7 +133,7 @@ def test_variants_pair_the_papers_models_with_the_modes_weights():
 
 def test_loss_weights_override_the_paper_values():
     c = tiny_config("shared", **{"loss.hint": 2.0, "loss.temperature": 3.0})
-    assert bootstrap.loss_weights(c) == BootstrapLossWeights(0.5, 0.5, 0.5, 0.5, hint=2.0, temperature=3.0)
+    assert pair.loss_weights(c) == BootstrapLossWeights(0.5, 0.5, 0.5, 0.5, hint=2.0, temperature=3.0)
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -162,7 +165,7 @@ def test_shared_mode_needs_the_vits_width_depth_and_heads():
 
 def test_partial_hint_layers_allow_unequal_depths():
     task, _, agent = _task(tiny_config("joint", **{"agent.depth": 3, "loss.hint_layers": (0, 1)}))
-    assert agent.depth == 3 and task.metric_names == bootstrap.METRICS["joint"]
+    assert agent.depth == 3 and task.metric_names == pair.METRICS["joint"]
 
 
 # ------------------------------------------------------------------------------------------------ the step
@@ -199,7 +202,7 @@ def test_joint_mode_labels_each_model_for_its_own_optimizer_state():
 
 def test_joint_loss_is_the_sum_of_both_models_weighted_terms_and_updates_batch_stats():
     step = _step("joint")
-    metrics, w = step.metrics, bootstrap.loss_weights(tiny_config("joint"))
+    metrics, w = step.metrics, pair.loss_weights(tiny_config("joint"))
     np.testing.assert_allclose(step.loss, metrics["loss_vit"] + metrics["loss_cnn"], rtol=1e-6)
     np.testing.assert_allclose(metrics["loss_vit"], metrics["ce_vit"] + metrics["kd_vit"] + 0.75 * w.hint
                                * metrics["hint"], rtol=1e-5)
@@ -221,7 +224,7 @@ def test_shared_agent_losses_train_the_vits_value_and_output_projections():
         assert _norm(block["attn"]["proj"]) > 0 and _norm(block["mlp"]) > 0
     # The ViT-only terms leave the agent's own parameters (stem, BatchNorms, head) alone.
     assert _is_zero(grads["ce_vit"]["agent"]) and _is_zero(grads["hint"]["agent"])
-    w = bootstrap.loss_weights(tiny_config("shared"))
+    w = pair.loss_weights(tiny_config("shared"))
     want = sum(getattr(w, n) * metrics[n] for n in ("ce_vit", "ce_cnn", "kd_vit", "kd_cnn")) + 0.75 * w.hint * (
         metrics["hint"])
     np.testing.assert_allclose(step.loss, want, rtol=1e-5)
@@ -246,7 +249,7 @@ def test_a_few_cpu_steps_lower_both_models_losses(demo_run):
     mode, workdir = demo_run
     rows = [{k: float(v) for k, v in r.items() if v} for r in _rows(workdir) if r["ce_vit"]]
     assert [int(r["step"]) for r in rows] == [6, 12, 18, 24, 30]
-    w = bootstrap.loss_weights(tiny_config(mode))
+    w = pair.loss_weights(tiny_config(mode))
     vit_loss = lambda r: w.ce_vit * r["ce_vit"] + w.kd_vit * r["kd_vit"] + w.hint * r["hint_decay"] * r["hint"]
     agent_loss = lambda r: w.ce_cnn * r["ce_cnn"] + w.kd_cnn * r["kd_cnn"]
     if mode == "joint":
@@ -261,7 +264,7 @@ def test_a_few_cpu_steps_lower_both_models_losses(demo_run):
 def test_metrics_checkpoint_export_and_result_hold_both_models(demo_run):
     mode, workdir = demo_run
     rows = _rows(workdir)
-    assert {*bootstrap.METRICS[mode], *bootstrap.EVAL_NAMES} <= set(rows[0])
+    assert {*pair.METRICS[mode], *pair.EVAL_NAMES} <= set(rows[0])
     final = rows[-1]
     assert 0 <= float(final["val_top1_vit"]) <= 100 and 0 <= float(final["val_top1_agent"]) <= 100
     result = json.loads((workdir / "result.json").read_text())
@@ -281,10 +284,10 @@ def test_metrics_checkpoint_export_and_result_hold_both_models(demo_run):
 
 def test_the_run_directory_initialises_the_fine_tune_stage(demo_run):
     _, workdir = demo_run
-    assert finetune.init_weights_path(str(workdir)) == workdir / "export" / "model.safetensors"
+    assert classify.init_weights_path(str(workdir)) == workdir / "export" / "model.safetensors"
     model = create_vit("vit_small_bootstrap", num_classes=100, img_size=16, patch_size=4, embed_dim=DIM,
                        depth=DEPTH, num_heads=6, mlp_dim=2 * DIM)
-    params = finetune.load_init_params(str(workdir), model, jax.random.key(0))
+    params = classify.load_init_params(str(workdir), model, jax.random.key(0))
     trained = checkpoint.load_variables(workdir)["params"]["vit"]
     np.testing.assert_allclose(params["blocks_1"]["attn"]["qkv"]["kernel"],
                                trained["blocks_1"]["attn"]["qkv"]["kernel"], rtol=1e-6)

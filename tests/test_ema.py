@@ -10,16 +10,17 @@ import ml_collections
 import numpy as np
 import pytest
 from conftest import TINY_MODEL, csv_rows, make_image_folder
+from onepfrac_jax.configs import export as export_configs
+from onepfrac_jax.configs import finetune as finetune_configs
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import export as export_configs
-from onepfrac_jax.configs import finetune as finetune_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
-from onepfrac_jax.export import stage
 from onepfrac_jax.export.timm import load_timm_weights
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import classify, finetune, loop
+from onepfrac_jax.stages import export as export_stage
+from onepfrac_jax.stages import finetune
+from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.checkpoint import read_checkpoint
 
 DECAY = 0.7
@@ -167,7 +168,7 @@ def test_the_export_stage_writes_the_ema_of_a_kept_step_beside_its_weights(finet
     workdir, config = finetuned
     c = export_configs.get_config()
     c.update({"run": str(workdir), "step": 3})
-    files = stage.run(c, str(tmp_path / "out")).files
+    files = export_stage.run(c, str(tmp_path / "out")).files
     assert files["ema_safetensors"] == str(tmp_path / "out" / "export" / "ema" / "model.safetensors")
     model = classify.build_vit(config, 3)
     for folder, ema in (("export", False), ("export/ema", True)):

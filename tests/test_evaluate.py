@@ -8,15 +8,15 @@ import jax
 import numpy as np
 import pytest
 from conftest import assert_one_error, make_image_folder, run_cli
-
-from onepfrac_jax import inference
-from onepfrac_jax.config import ConfigError, apply_overrides
 from onepfrac_jax.configs import bootstrap as bootstrap_configs
 from onepfrac_jax.configs import evaluate as evaluate_configs
 from onepfrac_jax.configs import finetune as finetune_configs
+
+from onepfrac_jax import inference
+from onepfrac_jax.config import ConfigError, apply_overrides
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import bootstrap, evaluate, finetune
+from onepfrac_jax.stages import bootstrap, evaluate, finetune
 
 TINY_VIT = dict(image_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
 MESH = lambda: make_data_mesh(jax.devices()[:2])

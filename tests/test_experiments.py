@@ -6,10 +6,10 @@ import re
 import numpy as np
 import pytest
 from conftest import TINY_MODEL, TINY_PRETRAIN
+from onepfrac_jax.configs import bootstrap as bootstrap_config
 from PIL import Image
 
 from onepfrac_jax import experiments
-from onepfrac_jax.configs import bootstrap as bootstrap_config
 
 _FINETUNE = {"image_size": 16, "data.image_size": 16, "batch_size": 16, "total_steps": 4, "log_every_steps": 2,
              "checkpoint_every_steps": 2, **TINY_MODEL}

@@ -20,16 +20,18 @@ import safetensors.numpy
 import timm
 import torch
 from conftest import ROOT, TINY_PRETRAIN, LocalRun, assert_one_error, clean_env, csv_rows, main_argv
+from onepfrac_jax.configs import bootstrap as bootstrap_configs
+from onepfrac_jax.configs import export as export_configs
 from safetensors import safe_open
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import bootstrap as bootstrap_configs
-from onepfrac_jax.configs import export as export_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
-from onepfrac_jax.export import stage
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import bootstrap, classify, finetune
+from onepfrac_jax.rundir import read_run_config
+from onepfrac_jax.stages import bootstrap
+from onepfrac_jax.stages import export as export_stage
+from onepfrac_jax.train import classify, pair
 from onepfrac_jax.train.checkpoint import load_variables, read_checkpoint
 
 # 120 steps, a checkpoint every 4, the last 2 kept: seconds of training during which checkpoints appear and vanish;
@@ -75,7 +77,7 @@ def reference(tmp_path_factory) -> Started:
 def export(run: Path | str, out: Path, step: int = -1):
     config = export_configs.get_config()
     config.update({"run": str(run), "step": step})
-    return stage.run(config, str(out))
+    return export_stage.run(config, str(out))
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -162,11 +164,11 @@ def test_an_intermediate_step_loads_in_timm_with_that_steps_logits(reference, tm
     assert same_bytes(tmp_path / "last" / "export", source / "export", EXPORT_FILES)
     assert set(mid.files) == {"safetensors", "config", "pth", "json"}
     # the workdir is a run directory with an export/, so it serves as a fine-tune's init_from like a run
-    assert finetune.init_weights_path(str(tmp_path / "mid")) == tmp_path / "mid" / "export" / "model.safetensors"
+    assert classify.init_weights_path(str(tmp_path / "mid")) == tmp_path / "mid" / "export" / "model.safetensors"
 
     images = np.random.default_rng(0).integers(0, 256, (4, 24, 20, 3), dtype=np.uint8)
     ours = inference.load(source, step=KEPT[0])(images)
-    x = eval_transform(augment_config(inference.run_config(source).augment), jnp.asarray(images))
+    x = eval_transform(augment_config(read_run_config(source).augment), jnp.asarray(images))
     for load in (timm_net, local_dir_net):
         np.testing.assert_allclose(timm_logits(load(tmp_path / "mid" / "export"), x), ours, rtol=0, atol=1e-4)
     assert np.abs(ours).max() > 0.1
@@ -245,7 +247,7 @@ def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(tmp_path)
     assert agent_file(tmp_path / "first" / "export")[1] != agent_file(source / "export")[1]
     # the ViT loads in one line from timm's local-dir: and gives the run's ViT logits
     x = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
-    vit, _ = bootstrap.build_models(c, 10)
+    vit, _ = pair.build_models(c, 10)
     ours = vit.apply({"params": load_variables(source)["params"]["vit"]}, jnp.asarray(x))
     assert np.abs(ours).max() > 0.1
     np.testing.assert_allclose(timm_logits(local_dir_net(source / "export"), x), ours, rtol=0, atol=1e-4)
@@ -272,5 +274,5 @@ def test_a_checkpoint_of_2_processes_of_2_devices_exports_on_1_process(tmp_path)
     assert same_bytes(tmp_path / "out_4" / "export", source / "export", EXPORT_FILES)  # its process 0's, at the end
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     params = load_variables(source, 2)["params"]
-    ours = classify.build_vit(inference.run_config(source), 8).apply({"params": params}, jnp.asarray(x))
+    ours = classify.build_vit(read_run_config(source), 8).apply({"params": params}, jnp.asarray(x))
     np.testing.assert_allclose(timm_logits(timm_net(tmp_path / "out_2" / "export"), x), ours, rtol=0, atol=1e-4)

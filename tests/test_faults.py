@@ -23,12 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, main_argv, run_cli
+from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax.config import ConfigError, RunError, apply_overrides, to_json
-from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.rundir import LOCK_NAME, RunDir
-from onepfrac_jax.train import checkpoint, pretrain
+from onepfrac_jax.stages import pretrain
+from onepfrac_jax.train import checkpoint
 from onepfrac_jax.train.loop import NonFiniteLossError
 
 TINY = {**TINY_PRETRAIN, "keep_checkpoints": 5}

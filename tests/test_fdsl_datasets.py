@@ -7,14 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from onepfrac_jax.configs import generate as generate_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 from PIL import Image
 
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import generate as generate_configs
-from onepfrac_jax.configs import pretrain as pretrain_configs
-from onepfrac_jax.fractals import fdsl, generate, render
+from onepfrac_jax.fractals import fdsl, render
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import pretrain
+from onepfrac_jax.stages import generate, pretrain
+from onepfrac_jax.train import bank_task
 
 TINY = dict(num_classes=6, image_size=24, pad=1, num_points=1500, instances=2, seed=3)
 # The public FractalDB repository's fractal_renderer/weights/weights_0.4.csv, its first rows and its last
@@ -73,7 +74,7 @@ def test_the_search_keeps_the_first_candidates_that_pass_the_fill_filter(fractal
     counts = np.asarray((probs > 0).sum(axis=1))
     assert counts.min() >= 2 and counts.max() <= spec.max_maps and len(set(counts)) > 2
     assert np.abs(np.asarray(params)).max() <= 1
-    renderer = fdsl.sharded_renderer(make_data_mesh(), spec.image_size, spec.pad, spec.num_points, "point")
+    renderer = fdsl.own_choice_renderer(make_data_mesh(), spec.image_size, spec.pad, spec.num_points, "point")
     keys = jax.random.key_data(fdsl.search_choice_keys(spec.seed, index))
     _, _, fill = renderer(params, probs, keys, keys)
     passing = np.flatnonzero(np.asarray(fill) >= spec.search_fill)
@@ -144,4 +145,4 @@ def test_a_short_pretrain_on_each_dataset_logs_bank_top1(tmp_path, dataset):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert [h["step"] for h in result["history"]] == [2, 4]
     assert 0 <= result["bank_top1_final"] <= 100
-    assert (tmp_path / "run" / pretrain.BATCH_PNG).exists()
+    assert (tmp_path / "run" / bank_task.BATCH_PNG).exists()

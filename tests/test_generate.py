@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import assert_one_error, run_cli
+from onepfrac_jax.configs import generate as generate_config
 from PIL import Image
 
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import generate as generate_config
-from onepfrac_jax.fractals import generate, render
+from onepfrac_jax.fractals import render
+from onepfrac_jax.stages import generate
 
 # fill_threshold 0.1: a few classes are re-drawn, so re-rendering from params.json covers the re-draw keys too
 TINY = {"num_classes": 10, "image_size": 48, "pad": 2, "num_points": 6_000, "seed": 2, "fill_threshold": 0.1}

@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_PRETRAIN, csv_rows
+from onepfrac_jax.configs import linear_probe as probe_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError, apply_overrides
-from onepfrac_jax.configs import linear_probe as probe_configs
-from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.data.augment import eval_transform
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import linear_probe, pretrain
+from onepfrac_jax.stages import linear_probe, pretrain
 
 MESH = lambda: make_data_mesh(jax.devices()[:2])
 

@@ -11,16 +11,17 @@ import safetensors.numpy
 import timm
 import torch
 from conftest import TINY_MODEL, TINY_PRETRAIN
+from onepfrac_jax.configs import finetune as finetune_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import finetune as finetune_configs
-from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.export.timm import load_timm_weights, resample_pos_embed, timm_config
 from onepfrac_jax.models import create_vit
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import finetune, pretrain
+from onepfrac_jax.stages import finetune, pretrain
+from onepfrac_jax.train import classify
 from onepfrac_jax.train.checkpoint import load_variables
 
 # float32 against float32: torch sums the taps in another order than our float64 einsum
@@ -140,12 +141,12 @@ def test_a_32px_pretrain_fine_tunes_at_64px(pretrained_32, tmp_path, caplog):
 
 def test_init_from_an_export_folder_resamples_down_to_16px(pretrained_32):
     export = pretrained_32 / "export"
-    assert finetune.init_weights_path(str(export)) == export / "model.safetensors"
-    params = finetune.load_init_params(str(export), create_vit(img_size=16, num_classes=10, **TINY_MODEL),
+    assert classify.init_weights_path(str(export)) == export / "model.safetensors"
+    params = classify.load_init_params(str(export), create_vit(img_size=16, num_classes=10, **TINY_MODEL),
                                        jax.random.key(0))
     source = safetensors.numpy.load_file(export / "model.safetensors")
     np.testing.assert_allclose(params["pos_embed"], timm_resample(source["pos_embed"], 2), rtol=0, atol=TOLERANCE)
     with pytest.raises(ConfigError, match="patch_size=8"):
-        finetune.load_init_params(str(export), create_vit(img_size=32, num_classes=10, **{**TINY_MODEL,
+        classify.load_init_params(str(export), create_vit(img_size=32, num_classes=10, **{**TINY_MODEL,
                                                                                            "patch_size": 16}),
                                   jax.random.key(0))

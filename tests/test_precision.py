@@ -8,13 +8,13 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import pytest
-
-from onepfrac_jax import inference
-from onepfrac_jax.config import ConfigError, to_json
 from onepfrac_jax.configs import bootstrap as bootstrap_configs
 from onepfrac_jax.configs import finetune as finetune_configs
 from onepfrac_jax.configs import pretrain as pretrain_configs
+
+from onepfrac_jax.config import ConfigError, to_json
 from onepfrac_jax.models import DTYPES, auto_dtype, precision, resolve_dtype
+from onepfrac_jax.rundir import read_run_config
 from onepfrac_jax.train import classify, loop
 
 CPU = SimpleNamespace(platform="cpu", device_kind="cpu")
@@ -98,7 +98,7 @@ def test_a_saved_config_with_auto_rebuilds_in_float32_on_cpu(tmp_path):
     saved = json.loads(to_json(CONFIGS["finetune"]()))
     del saved["remat"]
     (tmp_path / "config.json").write_text(json.dumps(saved))
-    model = classify.build_vit(inference.run_config(tmp_path), 10)
+    model = classify.build_vit(read_run_config(tmp_path), 10)
     assert (model.dtype, model.remat) == (jnp.float32, False)
 
 

@@ -7,15 +7,16 @@ import jax
 import numpy as np
 import pytest
 from conftest import TINY_PRETRAIN, csv_rows
+from onepfrac_jax.configs import pretrain as pretrain_configs
 from PIL import Image
 
 from onepfrac_jax import inference
-from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.data.augment import augment_config
 from onepfrac_jax.fractals import grid
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import classify, pretrain
+from onepfrac_jax.stages import pretrain
+from onepfrac_jax.train import bank_task, classify
 
 # 10 classes in batches of 8 on 4 devices: the last evaluation batch is partly padding
 EVAL = {**TINY_PRETRAIN, "num_classes": 10, "total_steps": 4, "eval_every_steps": 2}
@@ -36,7 +37,7 @@ def run(tmp_path_factory):
 
 
 def bank_images(config) -> np.ndarray:
-    spec = BankSpec.from_config(config, pretrain._RENAMED)
+    spec = BankSpec.from_config(config, bank_task._RENAMED)
     return np.asarray(build_bank(spec).images)[: spec.num_classes]
 
 
@@ -70,11 +71,11 @@ def test_a_short_pretrain_learns_its_classes(tmp_path):
 def test_the_batch_picture_is_the_first_batch_de_normalised(run):
     workdir, config = run
     mesh = make_data_mesh(jax.devices()[:4])
-    spec = BankSpec.from_config(config, pretrain._RENAMED)
+    spec = BankSpec.from_config(config, bank_task._RENAMED)
     augment = augment_config(config.augment)
     model = classify.build_vit(config, spec.num_classes)
     bank = build_bank(spec, mesh)
-    task = pretrain.make_task(config, spec, model, augment, mesh, pretrain.packed_bank(bank.images, mesh),
+    task = bank_task.make_task(config, spec, model, augment, mesh, bank_task.packed_bank(bank.images, mesh),
                               bank.class_params, bank.probs)
     # the loop's step 0 key, derived here by hand: fold_in(fold_in(key(seed), step stream 0), step 0), first half
     data_key = jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 0), 0))[0]
@@ -82,10 +83,10 @@ def test_the_batch_picture_is_the_first_batch_de_normalised(run):
     x = np.asarray(batch["image"])
     expected = np.clip(np.rint((x * 0.5 + 0.5) * 255), 0, 255).astype(np.uint8)  # the demo's mean = std = 0.5
     assert expected.std() > 0
-    with Image.open(workdir / pretrain.BATCH_PNG) as img:
+    with Image.open(workdir / bank_task.BATCH_PNG) as img:
         picture = np.asarray(img.convert("RGB"))
     size = config.image_size
-    factor = math.ceil(pretrain.BATCH_PNG_TILE / size)
+    factor = math.ceil(bank_task.BATCH_PNG_TILE / size)
     side = grid.grid_side(len(x))
     assert side == 3  # 8 examples
     for i in range(len(x)):

@@ -1,7 +1,7 @@
 """Host sources (ImageFolder, digits, TFDS) and the grain pipeline that turns them into global batches."""
 
+import importlib.metadata
 import re
-import sys
 from pathlib import Path
 
 import jax
@@ -276,10 +276,13 @@ def test_make_source_fraction_applies_to_train_only_and_unknown_names_fail():
         sources.DigitsSource("test", 8)
 
 
-def test_tfds_without_the_package_says_what_to_install(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # makes the import fail
-    section = ml_collections.ConfigDict({"name": "tfds:cifar100", "image_size": 32})
-    with pytest.raises(ConfigError, match="pip install tensorflow-datasets"):
+def test_the_default_install_reads_tfds_and_names_the_build_command(tmp_path):
+    """configs/finetune.py's default, tfds:cifar100, after the README's first install: the build command, no
+    ImportError (tensorflow-datasets is a dependency of the package itself, not of an extra)."""
+    requires = importlib.metadata.requires("onepfrac-jax")
+    assert any(r.startswith("tensorflow-datasets") and "extra" not in r for r in requires)
+    section = ml_collections.ConfigDict({"name": "tfds:cifar100", "image_size": 32, "data_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="tfds build cifar100 --file_format=array_record"):
         sources.make_source(section, "train")
 
 
@@ -296,7 +299,7 @@ def test_digits_are_uint8_rgb_with_ten_classes():
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
     """A tiny array_record TFDS dataset built locally; image pixel value = 40 · label + 10."""
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     data_dir = tmp_path_factory.mktemp("tfds")
 
     class OnepfracTiny(tfds.core.GeneratorBasedBuilder, skip_registration=True):

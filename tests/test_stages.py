@@ -23,14 +23,15 @@ from conftest import (
     make_image_folder,
     run_cli,
 )
+from onepfrac_jax.configs import finetune as finetune_configs
+from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
-from onepfrac_jax.configs import finetune as finetune_configs
-from onepfrac_jax.configs import pretrain as pretrain_configs
 from onepfrac_jax.data.augment import augment_config, eval_transform
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import classify, finetune, pretrain
+from onepfrac_jax.stages import finetune, pretrain
+from onepfrac_jax.train import classify
 from onepfrac_jax.train.checkpoint import load_variables
 
 

@@ -11,16 +11,16 @@ import pytest
 from jax.scipy.special import betainc
 from scipy.special import betaincinv
 
-from onepfrac_jax.data.augment import _beta_symmetric
-from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import loop
-from onepfrac_jax.train.bench_compile import (
+from benchmarks.compile_cost import (
     bench_config,
     large_constants,
     lower_pretrain_step,
     pretrain_step,
     while_trip_counts,
 )
+from onepfrac_jax.data.augment import _beta_symmetric
+from onepfrac_jax.parallel.mesh import make_data_mesh
+from onepfrac_jax.train import loop
 
 MB = 1 << 20
 # The loops a CPU lowering of the pre-train step keeps, all of a static trip count: threefry2x32's 5 rounds of

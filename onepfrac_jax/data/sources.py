@@ -277,13 +277,8 @@ class TfdsSource:
     """A prepared TFDS dataset in array_record format, read by `tfds.data_source` (no TensorFlow needed)."""
 
     def __init__(self, name: str, split: str, image_size: int, data_dir: str | None = None):
-        try:
-            import tensorflow_datasets as tfds
-        except ImportError as e:
-            raise ConfigError(
-                f"dataset 'tfds:{name}' needs tensorflow-datasets: pip install tensorflow-datasets "
-                "(reading array_record datasets does not need TensorFlow)"
-            ) from e
+        import tensorflow_datasets as tfds  # here, not at the top: importing it takes seconds
+
         require(image_size > 0, f"image_size={image_size} must be positive")
         try:
             self._data = tfds.data_source(name, split=split, data_dir=data_dir, download=False)

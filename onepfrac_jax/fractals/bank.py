@@ -46,9 +46,7 @@ class BankSpec:
     draw_mode: str = "patch"
     fill_threshold: float = 0.05  # a class must cover more than this fraction of the canvas
     max_redraws: int = 100  # fresh perturbations tried per class before giving up
-    # classes per device call, rounded up to the device count; 0: 4 per device on CPUs (a call's canvases stay in
-    # cache: 1.7× faster than 16 per device on 2 cores) and 32 per device on accelerators
-    classes_per_call: int = 0
+    classes_per_call: int = 0  # classes per device call, rounded up to the device count; 0: classes_per_device's
 
     @classmethod
     def from_config(cls, config, renamed: dict[str, str] | None = None) -> BankSpec:
@@ -160,8 +158,17 @@ def render_options(spec: BankSpec) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
-    """render_classes(params, choices, mask key data (L, 2) uint32) with the classes split over the mesh."""
+def classes_per_device(classes_per_call: int, mesh: Mesh) -> int:
+    """Classes each device renders in one call: `classes_per_call` split over the mesh, or when it is 0, 4 on CPUs (a
+    call's canvases stay in cache: 1.7× faster than 16 per device on 2 cores) and 32 on accelerators."""
+    if classes_per_call:
+        return math.ceil(classes_per_call / mesh.devices.size)
+    return 4 if mesh.devices.flat[0].platform == "cpu" else 32
+
+
+def shared_choice_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
+    """render_classes(params, choices, mask key data (L, 2) uint32) with the classes split over the mesh, every
+    class drawn with the one map-choice sequence `choices` (replicated), as the public 1p-frac generator draws."""
 
     def fn(params, choices, mask_key_data):
         return render.render_classes(params, choices, jax.random.wrap_key_data(mask_key_data), image_size=image_size,
@@ -222,12 +229,8 @@ def build_bank(
     mesh = make_data_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     rows_per_device = math.ceil(spec.num_classes / num_devices)
-    if spec.classes_per_call:
-        per_device = math.ceil(spec.classes_per_call / num_devices)
-    else:
-        per_device = 4 if mesh.devices.flat[0].platform == "cpu" else 32
-    per_device = min(per_device, rows_per_device)
-    renderer = sharded_renderer(mesh, **render_options(spec))
+    per_device = min(classes_per_device(spec.classes_per_call, mesh), rows_per_device)
+    renderer = shared_choice_renderer(mesh, **render_options(spec))
     sharded = data_sharding(mesh)
     say = progress or (lambda _: None)
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Callable
 
@@ -32,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import render
-from onepfrac_jax.fractals.bank import drawing_checks, raise_first_failure
+from onepfrac_jax.fractals.bank import classes_per_device, drawing_checks, raise_first_failure
 from onepfrac_jax.parallel.mesh import DATA, data_sharding, make_data_mesh, to_host
 
 DATASETS = ("1p-frac", "ofdb", "fractaldb")
@@ -61,8 +60,7 @@ class FdslSpec:
     pad: int = 6
     num_points: int = 100_000
     draw_mode: str = "patch"
-    classes_per_call: int = 0  # images per device call, rounded up to the device count; 0: 4 per device on CPUs,
-    # 32 on accelerators
+    classes_per_call: int = 0  # images per call, rounded up to the device count; 0: bank.classes_per_device's
 
     @classmethod
     def from_config(cls, config, renamed: dict[str, str] | None = None) -> FdslSpec:
@@ -137,9 +135,9 @@ def mask_key(seed: int, label: jax.Array, row: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=8)
-def sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
+def own_choice_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
     """(params, probs, choice key data, mask key data), all split over the mesh on their first axis →
-    (images, ok, fill): each row drawn with its own uniforms' map choices (render.choices_from_uniforms)."""
+    (images, ok, fill): each row drawn with its own map choices, from its own key (render.choices_from_uniforms)."""
 
     def fn(params, probs, choice_data, mask_data):
         uniforms = jax.vmap(lambda k: jax.random.uniform(k, (num_points - 1,)))(jax.random.wrap_key_data(choice_data))
@@ -153,10 +151,7 @@ def sharded_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, dra
 
 
 def _call_size(spec: FdslSpec, mesh: Mesh) -> int:
-    devices = mesh.devices.size
-    if spec.classes_per_call:
-        return math.ceil(spec.classes_per_call / devices) * devices
-    return (4 if mesh.devices.flat[0].platform == "cpu" else 32) * devices
+    return classes_per_device(spec.classes_per_call, mesh) * mesh.devices.size
 
 
 @dataclasses.dataclass
@@ -217,7 +212,7 @@ def search(spec: FdslSpec, mesh: Mesh, say: Callable[[str], None]) -> tuple[np.n
     """FractalDB's category search: (systems, probs, candidate index, fill) of the first L candidates whose point
     drawing at the spec's size fills ≥ search_fill."""
     size = _call_size(spec, mesh)
-    renderer = sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points, "point")
+    renderer = own_choice_renderer(mesh, spec.image_size, spec.pad, spec.num_points, "point")
     sharded = data_sharding(mesh)
     kept: list[tuple[np.ndarray, np.ndarray, int, float]] = []
     start, tried = time.perf_counter(), 0
@@ -257,7 +252,7 @@ def build_fdsl_bank(spec: FdslSpec, mesh: Mesh | None = None,
     labels = np.repeat(np.arange(spec.num_classes), stored)
     rows = np.tile(np.arange(stored), spec.num_classes)
     total, size = len(labels), _call_size(spec, mesh)
-    renderer = sharded_renderer(mesh, spec.image_size, spec.pad, spec.num_points, spec.draw_mode)
+    renderer = own_choice_renderer(mesh, spec.image_size, spec.pad, spec.num_points, spec.draw_mode)
     sharded = data_sharding(mesh)
     shared_choice = np.asarray(jax.random.key_data(choice_key(spec.seed)))
     parts = []

@@ -1,4 +1,5 @@
-"""What the ViT classification stages (pre-train, fine-tune) share: the model fields, loss, evaluation, export."""
+"""What the ViT classification stages (pre-train, fine-tune) share: the model fields, loss, evaluation, export, and
+the pre-trained weights a run starts from (`init_from`)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
-from onepfrac_jax.export.timm import export_vit
+from onepfrac_jax.export.timm import export_vit, load_timm_weights
 from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_attention, resolve_dtype
 from onepfrac_jax.models.precision import validate_attention
 from onepfrac_jax.train.loop import TrainState
@@ -20,6 +22,7 @@ from onepfrac_jax.train.losses import soft_cross_entropy, top1_correct
 
 # Free ViT dimensions: -1 keeps the preset's value.
 FREE_DIMS = ("embed_dim", "depth", "num_heads", "mlp_dim", "patch_size")
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 def add_model_fields(config: ml_collections.ConfigDict, model: str) -> None:
@@ -55,12 +58,15 @@ def build_vit(config: ml_collections.ConfigDict, num_classes: int) -> ViT:
 
 
 def validate_model_fields(config: ml_collections.ConfigDict) -> None:
+    """The ViT fields of add_model_fields, and the augmentation's size against image_size."""
     require(config.model in VIT_PRESETS, f"model={config.model!r} is not one of {', '.join(sorted(VIT_PRESETS))}")
     for name in FREE_DIMS:
         require(config[name] == -1 or config[name] > 0, f"{name}={config[name]} must be > 0 (or -1: the preset's)")
     require(0 <= config.drop_path < 1 and 0 <= config.dropout < 1, "drop_path and dropout must lie in [0, 1)")
     require(isinstance(config.remat, bool), f"remat={config.remat!r} must be True or False")
     require(config.dtype in DTYPES, f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
+    require(augment_config(config.augment).size == config.image_size,
+            f"augment.size={config.augment.size} must equal image_size={config.image_size}")
     try:
         validate_attention(config.attention, resolve_dtype(config.dtype))
     except ValueError as e:
@@ -128,3 +134,34 @@ def export_checkpoint(config: ml_collections.ConfigDict, variables: dict, out_di
     """The export stage's: what a pre-train or fine-tune run with `config` exports from these checkpoint variables."""
     model = build_vit(config, head_classes(variables["params"]))
     return export_variables(model, augment_config(config.augment), variables, out_dir)
+
+
+def init_weights_path(init_from: str) -> Path:
+    """The timm-format weights file named by `init_from`: a file, an export folder's model.safetensors (the Hub
+    layout: a run's export/, or a timm model downloaded from the Hub), or a run directory's export/model.safetensors."""
+    path = Path(init_from)
+    if path.is_dir():
+        if (path / "model.safetensors").is_file():
+            return path / "model.safetensors"
+        exported = path / "export" / "model.safetensors"
+        require((path / "config.json").exists(), f"init_from={init_from} is a directory but neither a run directory "
+                                                 f"nor an export folder (no config.json, no model.safetensors)")
+        require(exported.exists(), f"init_from={init_from}: the run has no export yet ({exported} is missing); "
+                                   f"let it finish, or point at a weights file")
+        return exported
+    require(path.exists(), f"init_from={init_from} does not exist")
+    require(path.suffix in WEIGHT_SUFFIXES, f"init_from={init_from}: expected a run directory, an export folder or "
+                                            f"a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    return path
+
+
+def load_init_params(init_from: str, model: ViT, key: jax.Array) -> dict:
+    """Pre-trained params for `model`; the head is re-initialised when the class count differs, position
+    embeddings of another image size are resampled to the model's patch grid (as timm does)."""
+    path = init_weights_path(init_from)
+    try:
+        params = load_timm_weights(path, model, rng=key)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"init_from={init_from}: {e}") from e
+    logging.info("initialised from %s", path)
+    return params

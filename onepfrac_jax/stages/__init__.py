@@ -1,0 +1,1 @@
+"""The stages, one module each: validate → loop.prepare → set-up → run.train(task) → Result; main.py runs them."""

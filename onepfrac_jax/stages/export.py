@@ -1,0 +1,68 @@
+"""The export stage: a run's checkpoint at any kept step → WORKDIR/export/, exactly what the run writes to its own
+export/ when it finishes (a folder `timm.create_model("local-dir:WORKDIR/export", pretrained=True)` loads).
+
+The folder sits beside the stage's own config.json and result.json, as in a training run's directory (timm reads
+export/config.json, the Hub's; a run's config.json is this project's), so WORKDIR also serves as an `init_from`.
+It reads the checkpoint read-only onto host arrays (train/checkpoint.read_checkpoint: only finalised steps, any
+saving topology, no lock), so a run still training is neither blocked nor changed, and calls the very export
+function the run's own end calls (inference.EXPORTERS: `export_checkpoint` of classify or pair). A run that kept an
+EMA of its weights (ema_decay > 0) also gets export/ema/, the same files for the average at that step, as its own
+end writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+from absl import logging
+
+from onepfrac_jax.config import ConfigError, require
+from onepfrac_jax.inference import EXPORTERS
+from onepfrac_jax.parallel.mesh import Mesh
+from onepfrac_jax.rundir import Result, RunDir, read_run_config
+from onepfrac_jax.train.checkpoint import read_checkpoint
+
+
+def _nested(a: Path, b: Path) -> bool:
+    """Whether one of the two directories is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Every check that reads nothing."""
+    require(str(config.run).strip() != "", "run is empty; name the run directory to export: --config.run=RUN_DIR")
+    require(config.step >= -1, f"step={config.step} must be a checkpoint's step, or -1 for the latest")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:
+    """Exports config.run's checkpoint at config.step (-1: the latest) into workdir; `mesh` is unused (host arrays)."""
+    validate(config)
+    source = Path(config.run).expanduser()
+    saved = read_run_config(source)
+    if saved.stage not in EXPORTERS:
+        inside = "; its pretrain/ and finetune/ are" if saved.stage == "demo" else ""
+        raise ConfigError(f"{source} is a {saved.stage} run, which has no checkpoints to export{inside} (export "
+                          f"reads {', '.join(EXPORTERS)} runs)")
+    require(str(workdir).strip() == "" or not _nested(Path(workdir).expanduser(), source),
+            f"workdir {workdir} and the run {source} are nested; export never writes into the run (nor replaces "
+            f"a folder holding it): choose a workdir outside it")
+    with RunDir.open(config, workdir, resumable=False) as out:
+        step, variables, data = read_checkpoint(source, None if config.step == -1 else config.step)
+        out.begin()  # an overwrite clears the earlier export here
+        files = {}
+        if jax.process_index() == 0:
+            exported = EXPORTERS[saved.stage](saved, variables, out.path / "export")
+            files = {name: str(path) for name, path in exported.items()}
+            if saved.get("ema_decay", 0.0) > 0:  # the same step's average, as the run's end writes it
+                averaged = read_checkpoint(source, step, ema=True)[1]
+                exported = EXPORTERS[saved.stage](saved, averaged, out.path / "export" / "ema")
+                files.update({f"ema_{name}": str(path) for name, path in exported.items()})
+        logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path / "export")
+        # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
+        result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),
+                        files=files, state=variables)
+        result.write(out.path)
+        return result
