@@ -33,7 +33,6 @@ LAYOUTS = ("replicated bytes", "replicated bits", "sharded bytes", "sharded bits
 _COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 
 
-
 def gather_program(layout: str, mesh, batch: int) -> Callable:
     """The jitted (bank, key) -> (B, S, S) uint8 batch of keyed random rows for one layout (bank already placed)."""
     from onepfrac_jax.fractals import render

@@ -51,7 +51,6 @@ _BITS = {"i1": 8, "pred": 8}
 # ------------------------------------------------------------------------------------ reading StableHLO text ----
 
 
-
 def _tensor_bytes(spec: str) -> int:
     """Bytes of a `tensor<...>` type body such as '21000x512x512xui8' (sub-byte types count one byte)."""
     *dims, element = spec.split(",")[0].split("x")

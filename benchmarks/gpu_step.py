@@ -30,7 +30,6 @@ PEAK_TFLOPS = {"V100": 125.0, "A100": 312.0, "H100": 989.0, "H200": 989.0}
 MODELS = (("ViT-Ti/16, 1k", "paper_vit_tiny"), ("ViT-B/16, 21k", "paper_vit_base_21k"))
 
 
-
 def peak_tflops(device_kind: str) -> float | None:
     """The PEAK_TFLOPS entry whose name the device kind contains (e.g. 'NVIDIA H100 80GB HBM3'), else None."""
     return next((peak for name, peak in PEAK_TFLOPS.items() if name in device_kind.upper()), None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -20,14 +21,34 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from PIL import Image
 
 jax.config.update("jax_num_cpu_devices", 4)
+
+# One persistent compilation cache for the session, shared by this process and every process a test starts (they
+# inherit the environment), removed when the session ends: the suite compiles the same small programs again and
+# again, in fresh processes too, and on CPUs they take well under JAX's default thresholds, lowered here to cache
+# all. tests/test_compile_cache.py checks that a program read from the cache computes bitwise what a fresh compile
+# does.
+COMPILE_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="onepfrac-test-jit-cache-"),
+                 "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+os.environ.update(COMPILE_CACHE)
+# this process imported jax before the lines above: its settings are set directly
+jax.config.update("jax_compilation_cache_dir", COMPILE_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+def pytest_unconfigure(config) -> None:
+    shutil.rmtree(COMPILE_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
 TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
                  "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
+TINY_PRETRAIN_RUN = {**TINY_PRETRAIN, "keep_checkpoints": 5}  # tiny_pretrain_run's overrides of the demo
+BOOTSTRAP_DIM, BOOTSTRAP_DEPTH = 48, 2  # tiny_bootstrap_config's ViT and agent
 # Every snippet a LocalRun starts begins by joining the run its environment describes.
 PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
 # A fresh process's environment: nothing inherited may make it join some other run, or claim a GPU.
@@ -61,6 +82,49 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_FOREIGN_ENV)}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **(extra or {}))
     return env
+
+
+def tiny_bootstrap_config(mode: str, /, **overrides):
+    """configs/bootstrap.py's digits demo shrunk to 16² images, width 48, 2 blocks, 30 steps of 32."""
+    from onepfrac_jax.configs import bootstrap as bootstrap_configs
+
+    from onepfrac_jax.config import apply_overrides
+
+    c = bootstrap_configs.get_config(f"digits_demo_{mode}")
+    dims = dict(embed_dim=BOOTSTRAP_DIM, depth=BOOTSTRAP_DEPTH, num_heads=6)
+    c.update(dict(image_size=16, patch_size=4, mlp_dim=2 * BOOTSTRAP_DIM, batch_size=32, total_steps=30,
+                  log_every_steps=6, checkpoint_every_steps=30, **dims))
+    c.data.image_size = 16
+    c.agent.update(dims)
+    return apply_overrides(c, overrides)
+
+
+# ------------------------------------------------------------------------------------------- shared runs ----
+# Runs that several test files read, trained once per session (a test that changes a run copies it first).
+
+@pytest.fixture(scope="session")
+def tiny_pretrain_run(tmp_path_factory) -> Path:
+    """A finished configs/pretrain.py:demo run with TINY_PRETRAIN_RUN (checkpoints at steps 2 and 4), one device."""
+    from onepfrac_jax.configs import pretrain as pretrain_configs
+
+    from onepfrac_jax.config import apply_overrides
+    from onepfrac_jax.parallel.mesh import make_data_mesh
+    from onepfrac_jax.stages import pretrain
+
+    workdir = tmp_path_factory.mktemp("tiny_pretrain") / "run"
+    config = apply_overrides(pretrain_configs.get_config("demo"), TINY_PRETRAIN_RUN)
+    pretrain.run(config, str(workdir), make_data_mesh(jax.devices()[:1]))
+    return workdir
+
+
+@pytest.fixture(scope="session", params=["joint", "shared"])
+def bootstrap_run(request, tmp_path_factory) -> tuple[str, Path]:
+    """(mode, workdir) of a finished tiny_bootstrap_config run on digits, over all devices."""
+    from onepfrac_jax.stages import bootstrap
+
+    workdir = tmp_path_factory.mktemp(f"bootstrap_{request.param}") / "run"
+    bootstrap.run(tiny_bootstrap_config(request.param), str(workdir))
+    return request.param, workdir
 
 
 # ------------------------------------------------------------------------------------------------ main.py ----

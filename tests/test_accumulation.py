@@ -14,6 +14,8 @@ from onepfrac_jax.models.vit import create_vit
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, loop
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 BATCH, CLASSES = 16, 4
 
 

@@ -386,6 +386,7 @@ def test_an_example_is_keyed_by_its_global_index_not_its_position():
     assert not np.any([np.array_equal(i, j) for i, j in zip(out, other, strict=True)])
 
 
+@pytest.mark.slow
 def test_sharded_batch_gives_the_unsharded_result():
     assert jax.device_count() >= 4
     cfg = make_cfg(**_RECIPE)
@@ -484,6 +485,7 @@ def _grey_images(b=8, size=24) -> np.ndarray:
     ],
     ids=["recipe", "imagenet-mean", "pad-crop"],
 )
+@pytest.mark.slow
 def test_grey_batch_is_its_rgb_repeat_bit_for_bit(overrides):
     cfg = make_cfg(**overrides)
     grey = _grey_images()
@@ -494,6 +496,7 @@ def test_grey_batch_is_its_rgb_repeat_bit_for_bit(overrides):
     np.testing.assert_allclose(targets, rgb_targets, rtol=0, atol=6e-8)
 
 
+@pytest.mark.slow
 def test_grey_batch_costs_a_fraction_of_its_rgb_repeat():
     # Crop, flips, RandAugment and jitter on one channel: their pixel work is a third; the draws and the
     # tables are not per pixel, hence under a half rather than a third (measured 0.44).
@@ -516,6 +519,7 @@ def test_eval_transform_of_grey_is_its_rgb_repeat():
         eval_transform(cfg, rgb[..., :2])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("op", range(len(ra.OPS)))
 def test_rand_augment_op_on_one_channel_is_any_channel_of_rgb(op):
     grey = _grey_images(2, 20)[1].astype(np.float32)  # a binary image: AutoContrast and Equalize see two levels

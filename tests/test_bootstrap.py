@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import BOOTSTRAP_DEPTH, BOOTSTRAP_DIM
+from conftest import tiny_bootstrap_config as tiny_config
 from onepfrac_jax.configs import bootstrap as bootstrap_config
 from safetensors import safe_open
 
-from onepfrac_jax.config import ConfigError, apply_overrides
+from onepfrac_jax.config import ConfigError
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.models.agent import SharedAgent
@@ -26,17 +28,7 @@ from onepfrac_jax.stages import bootstrap
 from onepfrac_jax.train import checkpoint, classify, pair
 from onepfrac_jax.train.losses import BootstrapLossWeights
 
-DIM, DEPTH = 48, 2
-
-
-def tiny_config(mode: str, /, **overrides):
-    """The digits demo shrunk to 16² images, width 48, 2 blocks, 30 steps of 32."""
-    c = bootstrap_config.get_config(f"digits_demo_{mode}")
-    c.update(dict(image_size=16, patch_size=4, embed_dim=DIM, depth=DEPTH, num_heads=6, mlp_dim=2 * DIM,
-                  batch_size=32, total_steps=30, log_every_steps=6, checkpoint_every_steps=30))
-    c.data.image_size = 16
-    c.agent.update(dict(embed_dim=DIM, depth=DEPTH, num_heads=6))
-    return apply_overrides(c, overrides)
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
 
 
 @functools.cache
@@ -216,11 +208,11 @@ def test_shared_agent_losses_train_the_vits_value_and_output_projections():
     metrics, grads = step.metrics, step.grads
     agent_side = _sum(grads, "ce_cnn", "kd_cnn")
     assert _norm(agent_side["agent"]) > 0
-    for i in range(DEPTH):
+    for i in range(BOOTSTRAP_DEPTH):
         block = agent_side["vit"][f"blocks_{i}"]
         qkv = block["attn"]["qkv"]["kernel"]
-        assert bool(jnp.all(jnp.abs(qkv[:, 2 * DIM:]).sum(0) > 0))  # every value column
-        assert bool(jnp.all(qkv[:, :2 * DIM] == 0))  # queries and keys are not the agent's
+        assert bool(jnp.all(jnp.abs(qkv[:, 2 * BOOTSTRAP_DIM:]).sum(0) > 0))  # every value column
+        assert bool(jnp.all(qkv[:, :2 * BOOTSTRAP_DIM] == 0))  # queries and keys are not the agent's
         assert _norm(block["attn"]["proj"]) > 0 and _norm(block["mlp"]) > 0
     # The ViT-only terms leave the agent's own parameters (stem, BatchNorms, head) alone.
     assert _is_zero(grads["ce_vit"]["agent"]) and _is_zero(grads["hint"]["agent"])
@@ -233,20 +225,13 @@ def test_shared_agent_losses_train_the_vits_value_and_output_projections():
 # ------------------------------------------------------------------------------------------------ runs
 
 
-@pytest.fixture(scope="module", params=["joint", "shared"])
-def demo_run(request, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp(f"boot_{request.param}")
-    bootstrap.run(tiny_config(request.param), str(workdir))
-    return request.param, workdir
-
-
 def _rows(workdir):
     with (workdir / "metrics.csv").open(newline="") as f:
         return list(csv.DictReader(f))
 
 
-def test_a_few_cpu_steps_lower_both_models_losses(demo_run):
-    mode, workdir = demo_run
+def test_a_few_cpu_steps_lower_both_models_losses(bootstrap_run):
+    mode, workdir = bootstrap_run
     rows = [{k: float(v) for k, v in r.items() if v} for r in _rows(workdir) if r["ce_vit"]]
     assert [int(r["step"]) for r in rows] == [6, 12, 18, 24, 30]
     w = pair.loss_weights(tiny_config(mode))
@@ -261,8 +246,8 @@ def test_a_few_cpu_steps_lower_both_models_losses(demo_run):
     assert last["ce_cnn"] < first["ce_cnn"]  # the agent is already learning the classes
 
 
-def test_metrics_checkpoint_export_and_result_hold_both_models(demo_run):
-    mode, workdir = demo_run
+def test_metrics_checkpoint_export_and_result_hold_both_models(bootstrap_run):
+    mode, workdir = bootstrap_run
     rows = _rows(workdir)
     assert {*pair.METRICS[mode], *pair.EVAL_NAMES} <= set(rows[0])
     final = rows[-1]
@@ -282,13 +267,13 @@ def test_metrics_checkpoint_export_and_result_hold_both_models(demo_run):
         np.testing.assert_array_equal(f.get_tensor("head.bias"), variables["params"]["agent"]["head"]["bias"])
 
 
-def test_the_run_directory_initialises_the_fine_tune_stage(demo_run):
-    _, workdir = demo_run
+def test_the_run_directory_initialises_the_fine_tune_stage(bootstrap_run):
+    _, workdir = bootstrap_run
     assert classify.init_weights_path(str(workdir)) == workdir / "export" / "model.safetensors"
-    model = create_vit("vit_small_bootstrap", num_classes=100, img_size=16, patch_size=4, embed_dim=DIM,
-                       depth=DEPTH, num_heads=6, mlp_dim=2 * DIM)
+    model = create_vit("vit_small_bootstrap", num_classes=100, img_size=16, patch_size=4, embed_dim=BOOTSTRAP_DIM,
+                       depth=BOOTSTRAP_DEPTH, num_heads=6, mlp_dim=2 * BOOTSTRAP_DIM)
     params = classify.load_init_params(str(workdir), model, jax.random.key(0))
     trained = checkpoint.load_variables(workdir)["params"]["vit"]
     np.testing.assert_allclose(params["blocks_1"]["attn"]["qkv"]["kernel"],
                                trained["blocks_1"]["attn"]["qkv"]["kernel"], rtol=1e-6)
-    assert params["head"]["kernel"].shape == (DIM, 100)  # another class count: a fresh head
+    assert params["head"]["kernel"].shape == (BOOTSTRAP_DIM, 100)  # another class count: a fresh head

@@ -7,6 +7,8 @@ import time
 import pytest
 from conftest import assert_one_error, free_port, run_cli
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/evaluate.py, configs/export.py, configs/finetune.py, "
             "configs/generate.py, configs/linear_probe.py, configs/pretrain.py")
 

@@ -23,6 +23,8 @@ from onepfrac_jax.stages import finetune
 from onepfrac_jax.train import classify, loop
 from onepfrac_jax.train.checkpoint import read_checkpoint
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 DECAY = 0.7
 W0 = 3.0
 

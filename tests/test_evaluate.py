@@ -8,7 +8,6 @@ import jax
 import numpy as np
 import pytest
 from conftest import assert_one_error, make_image_folder, run_cli
-from onepfrac_jax.configs import bootstrap as bootstrap_configs
 from onepfrac_jax.configs import evaluate as evaluate_configs
 from onepfrac_jax.configs import finetune as finetune_configs
 
@@ -16,7 +15,9 @@ from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError, apply_overrides
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.stages import bootstrap, evaluate, finetune
+from onepfrac_jax.stages import evaluate, finetune
+
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
 
 TINY_VIT = dict(image_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_dim=64)
 MESH = lambda: make_data_mesh(jax.devices()[:2])
@@ -120,30 +121,18 @@ def test_the_command_line(digits_run, tmp_path):
 
 # ---- inference.load / evaluate serve bootstrap runs: the ViT by default, the agent by argument ----------------
 
-@pytest.fixture(scope="module", params=["joint", "shared"])
-def bootstrap_run(request, tmp_path_factory):
-    mode = request.param
-    c = bootstrap_configs.get_config(f"digits_demo_{mode}")
-    c.update(dict(image_size=16, patch_size=4, embed_dim=48, depth=2, num_heads=6, mlp_dim=96, batch_size=32,
-                  total_steps=6, log_every_steps=6, checkpoint_every_steps=6, eval_every_steps=6))
-    c.data.image_size = 16
-    c.agent.update(dict(embed_dim=48, depth=2, num_heads=6))
-    workdir = tmp_path_factory.mktemp(f"boot-{mode}") / "run"
-    bootstrap.run(c, str(workdir), MESH())
-    return workdir
-
-
 def test_bootstrap_runs_serve_the_vit_and_the_agent(bootstrap_run, tmp_path):
-    trained = json.loads((bootstrap_run / "result.json").read_text())
+    _, run = bootstrap_run
+    trained = json.loads((run / "result.json").read_text())
     images, labels = digits_val()
     for model, name in (("vit", "val_top1_vit_final"), ("agent", "val_top1_agent_final")):
-        evaluate.run(eval_config(bootstrap_run, bootstrap_model=model), str(tmp_path / model), MESH())
+        evaluate.run(eval_config(run, bootstrap_model=model), str(tmp_path / model), MESH())
         scored = json.loads((tmp_path / model / "result.json").read_text())
         # the run's own evaluation (a shared agent computed from the ViT's weights at every call) = the served one
         assert scored["top1"] == pytest.approx(trained[name])
-        predict = inference.load(bootstrap_run, model=model) if model == "agent" else inference.load(bootstrap_run)
+        predict = inference.load(run, model=model) if model == "agent" else inference.load(run)
         assert 100 * np.mean(predict(images).argmax(1) == labels) == pytest.approx(trained[name])
-    vit, agent = inference.load(bootstrap_run)(images[:4]), inference.load(bootstrap_run, model="agent")(images[:4])
+    vit, agent = inference.load(run)(images[:4]), inference.load(run, model="agent")(images[:4])
     assert vit.shape == agent.shape == (4, 10) and not np.allclose(vit, agent)
     with pytest.raises(ConfigError, match="model='cnn' is not one of vit, agent"):
-        inference.load(bootstrap_run, model="cnn")
+        inference.load(run, model="cnn")

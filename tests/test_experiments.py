@@ -11,6 +11,8 @@ from PIL import Image
 
 from onepfrac_jax import experiments
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 _FINETUNE = {"image_size": 16, "data.image_size": 16, "batch_size": 16, "total_steps": 4, "log_every_steps": 2,
              "checkpoint_every_steps": 2, **TINY_MODEL}
 TINY = experiments.Grid(

@@ -34,6 +34,8 @@ from onepfrac_jax.stages import export as export_stage
 from onepfrac_jax.train import classify, pair
 from onepfrac_jax.train.checkpoint import load_variables, read_checkpoint
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 # 120 steps, a checkpoint every 4, the last 2 kept: seconds of training during which checkpoints appear and vanish;
 # a constant learning rate after the warm-up (cosine from lr to min_lr = lr), so the last steps still move weights.
 RUN = {**TINY_PRETRAIN, "total_steps": 120, "checkpoint_every_steps": 4, "keep_checkpoints": 2,

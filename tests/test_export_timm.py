@@ -128,6 +128,7 @@ def _random_params(model: ViT, seed: int = 1) -> dict:
     return jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", [TINY, TINY_32, FREE], ids=["vit_tiny_patch16_224", "vit_tiny_32px", "free_dims"])
 def test_export_dir_loads_in_one_line_with_timm_local_dir(tmp_path, model):
     params = _random_params(model)

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, main_argv, run_cli
+from conftest import ROOT, TINY_PRETRAIN_RUN, assert_one_error, clean_env, main_argv, run_cli
 from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax.config import ConfigError, RunError, apply_overrides, to_json
@@ -32,7 +32,9 @@ from onepfrac_jax.stages import pretrain
 from onepfrac_jax.train import checkpoint
 from onepfrac_jax.train.loop import NonFiniteLossError
 
-TINY = {**TINY_PRETRAIN, "keep_checkpoints": 5}
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
+TINY = TINY_PRETRAIN_RUN
 
 
 def tiny(**overrides):
@@ -49,14 +51,6 @@ def cli(workdir: Path | str, *overrides: str, config: str = "configs/pretrain.py
 
 def snapshot(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished tiny pre-train run (checkpoints at steps 2 and 4), copied by tests that damage it."""
-    workdir = tmp_path_factory.mktemp("faults") / "run"
-    train(workdir)
-    return workdir
 
 
 # ---------------------------------------------------------------------------------------------- 1. overwrite guard
@@ -102,9 +96,9 @@ def test_overwrite_refuses_a_directory_that_is_not_a_run(tmp_path):
     assert snapshot(stranger) == before
 
 
-def test_overwrite_replaces_a_run_of_this_project(finished, tmp_path):
+def test_overwrite_replaces_a_run_of_this_project(tiny_pretrain_run, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(finished, workdir)
+    shutil.copytree(tiny_pretrain_run, workdir)
     (workdir / "stale.txt").write_text("from the old run")
     train(workdir, total_steps=2, overwrite=True)
     assert not (workdir / "stale.txt").exists()
@@ -150,9 +144,9 @@ def test_two_commands_at_once_one_is_refused_before_writing(tmp_path):
 # ---------------------------------------------------------------------------------------------- 4. config.json
 
 
-def test_a_refused_or_failed_resume_leaves_the_saved_config(finished, tmp_path):
+def test_a_refused_or_failed_resume_leaves_the_saved_config(tiny_pretrain_run, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(finished, workdir)
+    shutil.copytree(tiny_pretrain_run, workdir)
     saved = (workdir / "config.json").read_text()
     with pytest.raises(ConfigError, match="different config"):  # refused: resume not asked for
         train(workdir, seed=5)
@@ -163,9 +157,9 @@ def test_a_refused_or_failed_resume_leaves_the_saved_config(finished, tmp_path):
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 6
 
 
-def test_a_resume_with_another_architecture_is_one_line(finished, tmp_path):
+def test_a_resume_with_another_architecture_is_one_line(tiny_pretrain_run, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(finished, workdir)
+    shutil.copytree(tiny_pretrain_run, workdir)
     overrides = [f"--config.{k}={v}" for k, v in {**TINY, "embed_dim": 48, "resume": True}.items()]
     line = assert_one_error(cli(str(workdir), *overrides))
     assert "does not fit this config's model" in line and "blocks_0" in line
@@ -183,11 +177,11 @@ def _damage(step_dir: Path, how: str) -> None:
 
 
 @pytest.mark.parametrize("how", ["truncated", "missing_manifest"])
-def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, tmp_path, how, caplog):
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(tiny_pretrain_run, tmp_path, how, caplog):
     workdir = tmp_path / "run"
-    shutil.copytree(finished, workdir)
+    shutil.copytree(tiny_pretrain_run, workdir)
     _damage(workdir / "checkpoints" / "4", how)
-    reference = checkpoint.load_variables(finished)  # the final state, to compare with the resumed run's
+    reference = checkpoint.load_variables(tiny_pretrain_run)  # the final state, to compare with the resumed run's
     result = train(workdir)
     warnings = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
     assert len(warnings) == 1 and "step 4" in warnings[0] and "trying the one before" in warnings[0]
@@ -197,9 +191,9 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(finished, tmp_
         np.testing.assert_array_equal(x, y)  # bitwise: the replay of steps 3–4 is exact
 
 
-def test_no_usable_checkpoint_is_one_error_naming_the_directory(finished, tmp_path):
+def test_no_usable_checkpoint_is_one_error_naming_the_directory(tiny_pretrain_run, tmp_path):
     workdir = tmp_path / "run"
-    shutil.copytree(finished, workdir)
+    shutil.copytree(tiny_pretrain_run, workdir)
     for step in ("2", "4"):
         _damage(workdir / "checkpoints" / step, "missing_manifest")
     saved = (workdir / "config.json").read_text()

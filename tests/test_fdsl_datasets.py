@@ -17,6 +17,8 @@ from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.stages import generate, pretrain
 from onepfrac_jax.train import bank_task
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 TINY = dict(num_classes=6, image_size=24, pad=1, num_points=1500, instances=2, seed=3)
 # The public FractalDB repository's fractal_renderer/weights/weights_0.4.csv, its first rows and its last
 PUBLIC_04_HEAD = [[0.2, 1, 1, 1, 1, 1], [0.6, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1], [1.4, 1, 1, 1, 1, 1],

@@ -93,6 +93,7 @@ def our_draw_inputs(spec: BankSpec, num_classes: int):
     return params, probs, xs, ys, masks
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("draw_mode", ["patch", "point"])
 def test_drawing_equals_the_pillow_reference_fed_the_same_points(draw_mode):
     """The public code's drawing, point by point with Pillow, gets our float32 points and our masks: only a
@@ -109,6 +110,7 @@ def test_drawing_equals_the_pillow_reference_fed_the_same_points(draw_mode):
         assert agree >= 0.9999, (label, agree)
 
 
+@pytest.mark.slow
 def test_the_default_bank_fills_the_canvas_as_the_reference_renderer_does():
     """Each renderer end to end on its own (own chain, own masks): the mean fill of 16 classes agrees to 2%,
     and it is the speckled "last point wins" fill, about half what OR-ing the patches' on-cells gives."""
@@ -159,6 +161,7 @@ def test_masks_are_uniform_over_1_to_511_and_each_class_has_its_own():
     assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[0], draws[2])
 
 
+@pytest.mark.slow
 def test_non_finite_and_degenerate_classes_fail_cleanly():
     probs = jnp.array([0.5, 0.5])
     params = jnp.stack([
@@ -183,6 +186,7 @@ def test_non_finite_and_degenerate_classes_fail_cleanly():
     assert np.asarray(kept)[0].sum() == 200 and bool(ok_late[0])
 
 
+@pytest.mark.slow
 def test_bank_is_bitwise_the_same_on_1_3_and_4_devices():
     one = build_bank(SMALL, mesh=make_data_mesh(jax.devices()[:1]))
     four = build_bank(SMALL, mesh=make_data_mesh(jax.devices()[:4]))

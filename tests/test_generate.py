@@ -14,6 +14,8 @@ from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import render
 from onepfrac_jax.stages import generate
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 # fill_threshold 0.1: a few classes are re-drawn, so re-rendering from params.json covers the re-draw keys too
 TINY = {"num_classes": 10, "image_size": 48, "pad": 2, "num_points": 6_000, "seed": 2, "fill_threshold": 0.1}
 

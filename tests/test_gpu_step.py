@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks import gpu_step
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 
 @pytest.mark.parametrize(("kind", "peak"), [("Tesla V100-SXM2-16GB", 125.0), ("NVIDIA A100-SXM4-80GB", 312.0),
                                             ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H200", 989.0),

@@ -7,27 +7,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY_PRETRAIN, csv_rows
+from conftest import csv_rows
 from onepfrac_jax.configs import linear_probe as probe_configs
-from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError, apply_overrides
 from onepfrac_jax.data.augment import eval_transform
 from onepfrac_jax.data.sources import DigitsSource
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.stages import linear_probe, pretrain
+from onepfrac_jax.stages import linear_probe
+
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
 
 MESH = lambda: make_data_mesh(jax.devices()[:2])
-
-
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("probe") / "pretrain"
-    c = pretrain_configs.get_config("demo")
-    c.update(TINY_PRETRAIN)
-    pretrain.run(c, str(workdir), MESH())
-    return workdir
 
 
 def probe_config(init_from, **overrides):
@@ -36,8 +28,8 @@ def probe_config(init_from, **overrides):
     return apply_overrides(c, {"data.image_size": 16, "batch_size": 64, "probe.epochs": 20, **overrides})
 
 
-def test_the_features_are_the_cls_token_after_the_final_layer_norm(pretrained):
-    classifier = inference.load_classifier(pretrained)
+def test_the_features_are_the_cls_token_after_the_final_layer_norm(tiny_pretrain_run):
+    classifier = inference.load_classifier(tiny_pretrain_run)
     source = DigitsSource("val", 16)
     feats, labels = linear_probe.features(classifier, source, 64, MESH())
     assert feats.shape == (len(source), 32) and np.array_equal(labels, source.labels)
@@ -49,8 +41,8 @@ def test_the_features_are_the_cls_token_after_the_final_layer_norm(pretrained):
     np.testing.assert_allclose(feats[:5], normed, atol=1e-5)
 
 
-def test_the_probe_learns_digits_and_reports_every_epoch(pretrained, tmp_path):
-    result = linear_probe.run(probe_config(pretrained), str(tmp_path / "a"), MESH())
+def test_the_probe_learns_digits_and_reports_every_epoch(tiny_pretrain_run, tmp_path):
+    result = linear_probe.run(probe_config(tiny_pretrain_run), str(tmp_path / "a"), MESH())
     saved = json.loads((tmp_path / "a" / "result.json").read_text())
     rows = csv_rows(tmp_path / "a" / "metrics.csv")
     steps = 1437 // 256  # the train split's full minibatches per epoch
@@ -64,18 +56,18 @@ def test_the_probe_learns_digits_and_reports_every_epoch(pretrained, tmp_path):
     assert not (tmp_path / "a" / "checkpoints").exists()  # nothing of the backbone is trained or saved
 
 
-def test_the_head_is_keyed_by_the_seed(pretrained, tmp_path):
-    runs = [linear_probe.run(probe_config(pretrained, seed=s, **{"probe.epochs": 3}), str(tmp_path / f"s{i}"),
+def test_the_head_is_keyed_by_the_seed(tiny_pretrain_run, tmp_path):
+    runs = [linear_probe.run(probe_config(tiny_pretrain_run, seed=s, **{"probe.epochs": 3}), str(tmp_path / f"s{i}"),
                              MESH()) for i, s in enumerate((0, 0, 1))]
     heads = [np.asarray(r.state["kernel"]) for r in runs]
     np.testing.assert_array_equal(heads[0], heads[1])
     assert not np.allclose(heads[0], heads[2])
 
 
-def test_bad_input(pretrained, tmp_path):
+def test_bad_input(tiny_pretrain_run, tmp_path):
     for overrides, message in (({"probe.epochs": 0}, "probe.epochs=0 must be > 0"),
                                ({"probe.batch_size": 5000}, "fewer than probe.batch_size=5000"),
                                ({"step": 7}, "keeps no checkpoint at step 7")):
         with pytest.raises(ConfigError, match=message):
-            linear_probe.run(probe_config(pretrained, **overrides), str(tmp_path / "out"), MESH())
+            linear_probe.run(probe_config(tiny_pretrain_run, **overrides), str(tmp_path / "out"), MESH())
         assert not (tmp_path / "out").exists()

@@ -24,6 +24,8 @@ from onepfrac_jax.stages import finetune, pretrain
 from onepfrac_jax.train import classify
 from onepfrac_jax.train.checkpoint import load_variables
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 # float32 against float32: torch sums the taps in another order than our float64 einsum
 TOLERANCE = 1e-5
 VIT_64 = create_vit(img_size=64, patch_size=8, embed_dim=48, depth=2, num_heads=3, mlp_dim=96, num_classes=5)

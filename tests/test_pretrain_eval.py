@@ -18,6 +18,8 @@ from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.stages import pretrain
 from onepfrac_jax.train import bank_task, classify
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 # 10 classes in batches of 8 on 4 devices: the last evaluation batch is partly padding
 EVAL = {**TINY_PRETRAIN, "num_classes": 10, "total_steps": 4, "eval_every_steps": 2}
 

@@ -22,6 +22,8 @@ from onepfrac_jax.data.augment import _beta_symmetric
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import loop
 
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
 MB = 1 << 20
 # The loops a CPU lowering of the pre-train step keeps, all of a static trip count: threefry2x32's 5 rounds of
 # 4 (JAX rolls them into a loop on CPU only), RandAugment's scan over its num_layers=2 layers (one compiled

@@ -85,6 +85,7 @@ def test_float16_loss_scaling_skips_overflowing_steps(tmp_path):
     assert float(after.loss_scale) == float(before.loss_scale) / 2 == 2.0**14
 
 
+@pytest.mark.slow
 def test_resume_rules(tmp_path):
     workdir = tmp_path / "run"
     config = toy_config()

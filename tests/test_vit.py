@@ -304,6 +304,7 @@ def _ce_value_and_grad(model: ViT, x: jax.Array) -> jax.Array:
     return jax.jit(jax.value_and_grad(loss))
 
 
+@pytest.mark.slow
 def test_remat_keeps_params_loss_and_gradients(small):
     """remat=True: the same param tree and init, and in training (every dropout and drop path on) the same loss
     and gradients within 1e-6; each block is one checkpointed (rematerialised) call."""

@@ -1,0 +1,45 @@
+"""The suite's persistent compilation cache (conftest.py) changes no result: a program read back from it computes,
+bit for bit, what the same program compiled afresh computes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from onepfrac_jax.models import create_vit
+
+pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
+
+HITS = "/jax/compilation_cache/cache_hits"
+
+
+def test_a_train_step_read_from_the_cache_is_bitwise_a_fresh_compile():
+    model = create_vit("vit_tiny_patch16_224", num_classes=5, img_size=16, patch_size=8, embed_dim=32, depth=1,
+                       num_heads=2, mlp_dim=64, drop_path_rate=0.1, drop_rate=0.1)
+    x = jax.random.uniform(jax.random.key(0), (4, 16, 16, 3))
+    params = model.init(jax.random.key(1), x)["params"]
+
+    def loss(params, key):
+        logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key, "drop_path": key})
+        return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
+
+    step = jax.jit(jax.value_and_grad(loss))
+    hits = []
+    listener = lambda event, **_: hits.append(event) if event == HITS else None
+    jax.monitoring.register_event_listener(listener)
+    try:
+        jax.config.update("jax_enable_compilation_cache", False)
+        jax.clear_caches()
+        fresh = step(params, jax.random.key(2))
+        jax.config.update("jax_enable_compilation_cache", True)
+        jax.clear_caches()
+        step(params, jax.random.key(2))  # compiled into the cache (or found there)
+        before = len(hits)
+        jax.clear_caches()  # forget the compiled program in memory: the next call reads it from disk
+        cached = step(params, jax.random.key(2))
+    finally:
+        jax.monitoring.unregister_event_listener(listener)
+        jax.config.update("jax_enable_compilation_cache", True)
+    assert len(hits) > before, "the second compile did not come from the persistent cache"
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(cached), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
