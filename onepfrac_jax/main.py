@@ -84,13 +84,17 @@ def _parse_error(e: Exception, argv: list[str]) -> str:
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's parser; a bad config file, variant, override or flag ends the process with one `error:` line (exit 2)."""
+    """absl's parser; a bad config file, variant, override or flag, or a stray argument, ends the process with one
+    `error:` line (exit 2)."""
     try:
         rest = flags.FLAGS(_with_config_resolved(argv))
         _CONFIG.value.keys()  # a config file that could not be read raises only here, where first used
-        return rest
     except Exception as e:  # from the config file's own code too: all of it is bad input, to report, not a crash
         distributed.fail(_parse_error(e, argv), 2)
+    if len(rest) > 1:
+        distributed.fail(f"unexpected argument {rest[1]!r}: settings are flags (--workdir=DIR, "
+                         f"--config.KEY=VALUE)", 2)
+    return rest
 
 
 def _quiet_libraries(record: logging_std.LogRecord) -> bool:
@@ -103,9 +107,8 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
 
 
 def main(argv: list[str]) -> None:
+    del argv  # parse_flags refused any positional argument
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
     stage = config.get("stage")
     try:

@@ -21,6 +21,7 @@ PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/evaluate.py, configs
      "paper_vit_base_21k, demo"),
     ("configs/nope.py", (), f"error: --config=configs/nope.py: no such config file (the packaged ones: {PACKAGED})"),
     ("configs/pretrain.py:demo", ("--no_such_flag=1",), "error: Unknown command line flag 'no_such_flag'"),
+    ("configs/pretrain.py:demo", ("stray",), "error: unexpected argument 'stray': settings are flags"),
 ])
 def test_a_bad_config_flag_or_override_is_one_error_line(tmp_path, config, args, message):
     error = assert_one_error(run_cli(config, tmp_path / "run", None, *args))
