@@ -3,6 +3,7 @@ loading in real timm), import errors."""
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -13,7 +14,14 @@ import safetensors.torch
 import timm
 import torch
 
-from onepfrac_jax.export.timm import export_vit, flax_to_timm_state_dict, hub_config, load_timm_weights, timm_config
+from onepfrac_jax.export.timm import (
+    export_vit,
+    flax_to_timm_state_dict,
+    hub_config,
+    load_timm_weights,
+    say_no_torch,
+    timm_config,
+)
 from onepfrac_jax.models import ViT, create_vit
 from onepfrac_jax.models.vit import init_head
 
@@ -152,13 +160,28 @@ def test_export_dir_loads_in_one_line_with_timm_local_dir(tmp_path, model):
     assert all(torch.equal(sd[k], sd3[k]) for k in sd if not k.startswith("head."))
 
 
-def test_export_without_torch_writes_safetensors_and_json(tmp_path, monkeypatch, free_timm):
+def test_export_without_torch_writes_safetensors_and_json_and_says_so_once(tmp_path, monkeypatch, free_timm, caplog):
     params = load_timm_weights(_numpy_sd(free_timm), FREE)
     monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    with pytest.warns(UserWarning, match="no model.pth"):
-        paths = export_vit(params, FREE, tmp_path, MEAN, STD)
-    assert set(paths) == {"safetensors", "config", "json"}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "timm.json"]
+    say_no_torch.cache_clear()  # a process says it once: this test's process may have said it already
+    for out in (tmp_path / "a", tmp_path / "b"):
+        paths = export_vit(params, FREE, out, MEAN, STD)
+        assert set(paths) == {"safetensors", "config", "json"}
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "timm.json"]
+    said = [r.getMessage() for r in caplog.records if "torch is not installed" in r.getMessage()]
+    assert len(said) == 1 and "no model.pth" in said[0] and "pip install torch" in said[0]
+
+
+def test_the_weights_file_follows_the_umask_as_every_other_exported_file(tmp_path, free_timm):
+    """safetensors' own writer makes 0600 files: teammates on a shared filesystem could not read the weights."""
+    params = load_timm_weights(_numpy_sd(free_timm), FREE)
+    previous = os.umask(0o022)
+    try:
+        export_vit(params, FREE, tmp_path, MEAN, STD)
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o644}, modes
 
 
 def test_wrapped_checkpoint_with_training_args_imports(tmp_path, free_timm):

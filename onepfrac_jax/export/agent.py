@@ -30,8 +30,8 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
-from safetensors.numpy import save_file
 
+from onepfrac_jax.export.timm import write_safetensors
 from onepfrac_jax.models.agent import Agent, SharedAgent, many_head_dense_kernel, materialize_shared_agent
 
 _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
@@ -100,7 +100,7 @@ def export_agent(
     config = {name: getattr(agent, name) for name in fields}
     config["dtype"] = np.dtype(config["dtype"]).name
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={"format": "pt", "agent_config": json.dumps(config)})
+    write_safetensors(path, state, {"format": "pt", "agent_config": json.dumps(config)})
     try:
         import torch
     except ImportError:

@@ -11,12 +11,12 @@ antialiasing (up or down); another patch size is an error. `export_vit` writes t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,19 @@ from onepfrac_jax.data.augment import resample_matrix
 from onepfrac_jax.models.vit import ViT, init_head
 
 log = logging.getLogger(__name__)
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> None:
+    """A .safetensors file with the mode every other file of a run gets (the umask's): safetensors' own save_file
+    creates it 0600, which teammates on a shared filesystem cannot read."""
+    Path(path).write_bytes(safetensors.numpy.save(dict(tensors), metadata=metadata))
+
+
+@functools.cache
+def say_no_torch() -> None:
+    """Once a process: exports hold no model.pth without PyTorch."""
+    log.warning("torch is not installed: exports hold model.safetensors, config.json and timm.json but no model.pth "
+                "(pip install torch adds it; requirements-test.txt installs torch and timm)")
 
 # timm architectures with exactly the same block structure as `ViT`, keyed by (patch, dim, depth, heads, mlp).
 _TIMM_ARCHS = {
@@ -226,13 +239,12 @@ def export_vit(
         raise FileExistsError(f"export would overwrite {existing}; pass overwrite=True to replace them")
     out.mkdir(parents=True, exist_ok=True)
 
-    safetensors.numpy.save_file(state_dict, paths["safetensors"], metadata={"format": "pt"})
+    write_safetensors(paths["safetensors"], state_dict, {"format": "pt"})
     paths["config"].write_text(json.dumps(hub, indent=2) + "\n")
     try:
         import torch
     except ImportError:
-        warnings.warn("torch is not installed: wrote model.safetensors, config.json and timm.json but no model.pth",
-                      stacklevel=2)
+        say_no_torch()
         del paths["pth"]
     else:
         torch.save({k: torch.tensor(v) for k, v in state_dict.items()}, paths["pth"])  # copies: v may be read-only
