@@ -10,6 +10,8 @@ import ml_collections
 # The stages, each a module onepfrac_jax.stages.<name> with validate(config) and run(config, workdir), and a config
 # file configs/<name>.py; a config.json naming one marks a run of this project.
 STAGES = ("generate", "pretrain", "finetune", "bootstrap", "evaluate", "linear_probe", "export", "demo")
+# The stages that train a model: their runs hold checkpoints and export/ (inference.EXPORTERS writes it).
+TRAINING_STAGES = ("pretrain", "finetune", "bootstrap")
 
 
 class ConfigError(ValueError):

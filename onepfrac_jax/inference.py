@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from onepfrac_jax.config import ConfigError, require, require_choice
+from onepfrac_jax.config import TRAINING_STAGES, ConfigError, require, require_choice
 from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
 from onepfrac_jax.export.timm import load_timm_weights, read_state_dict
 from onepfrac_jax.models.agent import SharedAgent, materialize_shared_agent
@@ -26,14 +26,10 @@ from onepfrac_jax.rundir import read_run_config
 from onepfrac_jax.train import classify, pair
 from onepfrac_jax.train.checkpoint import read_checkpoint
 
-# the stages that train a model -> (its run's config, checkpoint variables, out dir) -> {name: path}: the files of
-# the run's export/, written by the run's own end and by the export stage
-EXPORTERS = {
-    "pretrain": classify.export_checkpoint,
-    "finetune": classify.export_checkpoint,
-    "bootstrap": pair.export_checkpoint,
-}
-SERVED_STAGES = tuple(EXPORTERS)
+# each of config.TRAINING_STAGES, in its order, -> (its run's config, checkpoint variables, out dir) -> {name: path}:
+# the files of the run's export/, written by the run's own end and by the export stage
+EXPORTERS = dict(zip(TRAINING_STAGES, (classify.export_checkpoint, classify.export_checkpoint, pair.export_checkpoint),
+                     strict=True))
 MODELS = ("vit", "agent")  # what a bootstrap run serves
 
 
@@ -70,8 +66,8 @@ def load_classifier(workdir: str | Path, step: int | None = None, model: str = "
     workdir = Path(workdir)
     require_choice("model", model, MODELS)
     config = read_run_config(workdir)
-    require(config.stage in SERVED_STAGES,
-            f"{workdir} is a {config.stage!r} run; only {', '.join(SERVED_STAGES)} runs have a model to serve")
+    require(config.stage in TRAINING_STAGES,
+            f"{workdir} is a {config.stage!r} run; only {', '.join(TRAINING_STAGES)} runs have a model to serve")
     require(model == "vit" or config.stage == "bootstrap",
             f"{workdir} is a {config.stage} run, whose only model is its ViT; model='agent' serves a bootstrap run's")
     found, variables, _ = read_checkpoint(workdir, step, ema)

@@ -42,7 +42,7 @@ CONFIG_NAME = "config.json"
 RUN_CONTROL_KEYS = ("resume", "overwrite")
 
 
-def _article(stage: str) -> str:
+def article(stage: str) -> str:
     """'an evaluate', 'an export', 'a pretrain'."""
     return f"{'an' if stage[0] in 'aeiou' else 'a'} {stage}"
 
@@ -165,10 +165,10 @@ class RunDir:
     def _check_resume(path: Path, saved: dict, config: ml_collections.ConfigDict, resumable: bool) -> bool:
         stage = config.get("stage")
         if saved["stage"] != stage:
-            raise ConfigError(f"workdir {path} holds {_article(saved['stage'])} run, not {_article(stage)} run; "
+            raise ConfigError(f"workdir {path} holds {article(saved['stage'])} run, not {article(stage)} run; "
                               f"choose another workdir, or --config.overwrite=True to replace it")
         if not resumable:
-            raise ConfigError(f"workdir {path} already holds {_article(stage)} run; pass --config.overwrite=True to "
+            raise ConfigError(f"workdir {path} already holds {article(stage)} run; pass --config.overwrite=True to "
                               f"replace it")
         old, new = _comparable(saved), _comparable(json.loads(to_json(config)))
         if old != new and not config.get("resume"):

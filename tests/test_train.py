@@ -12,7 +12,7 @@ import pytest
 
 from onepfrac_jax.config import ConfigError, to_json
 from onepfrac_jax.parallel.mesh import make_data_mesh
-from onepfrac_jax.train import loop, optim
+from onepfrac_jax.train import classify, loop, optim
 from onepfrac_jax.train.checkpoint import Checkpoints
 
 
@@ -170,3 +170,16 @@ def test_saved_config_is_the_resolved_config(tmp_path):
     config = toy_config()
     run(toy_task(lambda w, step: w**2), config, tmp_path / "run")
     assert (tmp_path / "run" / "config.json").read_text() == to_json(config)
+
+
+@pytest.mark.parametrize(("stage", "message"), [
+    ("pretrain", r"the run has no export yet \(.*export/model.safetensors is missing\); let it finish"),
+    ("generate", r"is a generate run, which trains no model \(init_from takes a pretrain, finetune, bootstrap run"),
+    ("evaluate", r"is an evaluate run, which trains no model"),
+    ("demo", r"is a demo run, which trains no model; its pretrain/ and finetune/ are"),
+])
+def test_init_from_a_run_without_weights_says_what_the_run_is(tmp_path, stage, message):
+    (tmp_path / "config.json").write_text(json.dumps({"stage": stage}))
+    with pytest.raises(ConfigError, match=message):
+        classify.init_weights_path(str(tmp_path))
+
