@@ -14,6 +14,7 @@ from onepfrac_jax.config import ConfigError, to_json
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.train import classify, loop, optim
 from onepfrac_jax.train.checkpoint import Checkpoints
+from onepfrac_jax.train.metrics import MetricWriter
 
 
 def toy_config(**overrides) -> ml_collections.ConfigDict:
@@ -182,4 +183,19 @@ def test_init_from_a_run_without_weights_says_what_the_run_is(tmp_path, stage, m
     (tmp_path / "config.json").write_text(json.dumps({"stage": stage}))
     with pytest.raises(ConfigError, match=message):
         classify.init_weights_path(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbled"])
+def test_a_lost_metrics_csv_costs_the_curves_not_the_run(tmp_path, damage, caplog):
+    """metrics.csv deleted or overwritten while the run trains: closing the writer (the run's end) still succeeds."""
+    writer = MetricWriter(tmp_path, ["loss"], total_steps=2, enabled=True, resume=False)
+    writer.write(1, {"loss": 1.0})
+    if damage == "deleted":
+        (tmp_path / "metrics.csv").unlink()
+    else:
+        (tmp_path / "metrics.csv").write_text("step,loss\none,1.0\n")
+    writer.write(2, {"loss": 0.5})
+    writer.close()
+    assert not (tmp_path / "curves.png").exists()
+    assert any("no curves.png" in r.getMessage() for r in caplog.records)
 

@@ -74,7 +74,10 @@ class MetricWriter:
             return
         self.csv_file.close()
         self.tensorboard.close()
-        plot_curves(self.csv_path, self.plot_path)
+        try:
+            plot_curves(self.csv_path, self.plot_path)
+        except (OSError, ValueError, KeyError) as e:  # a missing or damaged metrics.csv costs the picture only
+            logging.warning("no %s: %s could not be read (%s)", self.plot_path.name, self.csv_path, e)
 
 
 def _fmt(value: float | None) -> str:
