@@ -28,6 +28,7 @@ from onepfrac_jax.data import pipeline
 from onepfrac_jax.models import resolve_dtype
 from onepfrac_jax.models.vit import ViT
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh
+from onepfrac_jax.stages import bootstrap
 from onepfrac_jax.train import classify, loop, pair
 
 _VARIANTS = flags.DEFINE_list("variants", ["digits_demo", "cifar100_small"],
@@ -120,6 +121,7 @@ def main(argv: list[str]) -> None:
             source = RandomSource(config.data.image_size, 10 if demo else 100, 4 * config.batch_size)
             data = pipeline.HostData(source, source, config.data, config.seed, config.batch_size,
                                      data_sharding(mesh))
+            bootstrap.validate(config)  # as the stage does first: `auto` that means float16 is written as such
             task, vit, _ = pair.build_task(config, data)
             item = _host_batch(source, config.batch_size, mesh)
             if mode == "joint":
