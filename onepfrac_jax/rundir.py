@@ -42,9 +42,16 @@ CONFIG_NAME = "config.json"
 RUN_CONTROL_KEYS = ("resume", "overwrite")
 
 
-def article(stage: str) -> str:
+def _article(stage: str) -> str:
     """'an evaluate', 'an export', 'a pretrain'."""
     return f"{'an' if stage[0] in 'aeiou' else 'a'} {stage}"
+
+
+def without_model(name: str, stage: str, what: str) -> str:
+    """'NAME is an evaluate run, which WHAT': the start of the error for a run that has no model where one is needed
+    (a demo run's are in its pretrain/ and finetune/, which the message names)."""
+    inside = "; its pretrain/ and finetune/ are" if stage == "demo" else ""
+    return f"{name} is {_article(stage)} run, which {what}{inside}"
 
 
 def _comparable(data: dict) -> dict:
@@ -165,10 +172,10 @@ class RunDir:
     def _check_resume(path: Path, saved: dict, config: ml_collections.ConfigDict, resumable: bool) -> bool:
         stage = config.get("stage")
         if saved["stage"] != stage:
-            raise ConfigError(f"workdir {path} holds {article(saved['stage'])} run, not {article(stage)} run; "
+            raise ConfigError(f"workdir {path} holds {_article(saved['stage'])} run, not {_article(stage)} run; "
                               f"choose another workdir, or --config.overwrite=True to replace it")
         if not resumable:
-            raise ConfigError(f"workdir {path} already holds {article(stage)} run; pass --config.overwrite=True to "
+            raise ConfigError(f"workdir {path} already holds {_article(stage)} run; pass --config.overwrite=True to "
                               f"replace it")
         old, new = _comparable(saved), _comparable(json.loads(to_json(config)))
         if old != new and not config.get("resume"):

@@ -21,7 +21,7 @@ from absl import logging
 from onepfrac_jax.config import ConfigError, require
 from onepfrac_jax.inference import EXPORTERS
 from onepfrac_jax.parallel.mesh import Mesh
-from onepfrac_jax.rundir import Result, RunDir, read_run_config
+from onepfrac_jax.rundir import Result, RunDir, read_run_config, without_model
 from onepfrac_jax.train.checkpoint import read_checkpoint
 
 
@@ -43,8 +43,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     source = Path(config.run).expanduser()
     saved = read_run_config(source)
     if saved.stage not in EXPORTERS:
-        inside = "; its pretrain/ and finetune/ are" if saved.stage == "demo" else ""
-        raise ConfigError(f"{source} is a {saved.stage} run, which has no checkpoints to export{inside} (export "
+        raise ConfigError(f"{without_model(str(source), saved.stage, 'has no checkpoints to export')} (export "
                           f"reads {', '.join(EXPORTERS)} runs)")
     require(str(workdir).strip() == "" or not _nested(Path(workdir).expanduser(), source),
             f"workdir {workdir} and the run {source} are nested; export never writes into the run (nor replaces "

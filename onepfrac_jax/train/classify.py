@@ -17,7 +17,7 @@ from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transf
 from onepfrac_jax.export.timm import export_vit, load_timm_weights
 from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_attention, resolve_dtype
 from onepfrac_jax.models.precision import validate_attention
-from onepfrac_jax.rundir import article, read_run_config
+from onepfrac_jax.rundir import read_run_config, without_model
 from onepfrac_jax.train.loop import TrainState
 from onepfrac_jax.train.losses import soft_cross_entropy, top1_correct
 
@@ -151,10 +151,8 @@ def init_weights_path(init_from: str) -> Path:
             stage = read_run_config(path).stage
             require(stage not in TRAINING_STAGES, f"init_from={init_from}: the run has no export yet ({exported} is "
                                                   f"missing); let it finish, or point at a weights file")
-            inside = "; its pretrain/ and finetune/ are" if stage == "demo" else ""
-            raise ConfigError(f"init_from={init_from} is {article(stage)} run, which trains no model{inside} "
-                              f"(init_from takes a {', '.join(TRAINING_STAGES)} run, an export folder or a weights "
-                              f"file)")
+            raise ConfigError(f"{without_model(f'init_from={init_from}', stage, 'trains no model')} (init_from takes "
+                              f"a {', '.join(TRAINING_STAGES)} run, an export folder or a weights file)")
         return exported
     require(path.exists(), f"init_from={init_from} does not exist")
     require(path.suffix in WEIGHT_SUFFIXES, f"init_from={init_from}: expected a run directory, an export folder or "
