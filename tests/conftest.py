@@ -43,6 +43,7 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 def pytest_unconfigure(config) -> None:
     shutil.rmtree(COMPILE_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
 TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
