@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from onepfrac_jax.config import STAGES, ConfigError, require, to_json
+from onepfrac_jax.config import STAGES, ConfigError, require, require_path, to_json
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.json"
@@ -61,6 +61,8 @@ def _comparable(data: dict) -> dict:
 def _read_saved(workdir: Path) -> dict:
     """The run's config.json as written; ConfigError when workdir holds no run of this project."""
     path = workdir / CONFIG_NAME
+    # a FIFO would block the read until something writes to it
+    require(path.is_file() or not path.exists(), f"{workdir} is not a run directory ({path} is not a regular file)")
     try:
         saved = json.loads(path.read_text())
     except OSError as e:
@@ -132,6 +134,7 @@ class RunDir:
         `resumable=False` (generate): an existing run is never continued, only replaced with `overwrite=True`.
         """
         require(str(workdir).strip() != "", "--workdir is empty; name the run directory")
+        require_path("--workdir", workdir)
         path = Path(workdir).expanduser()
         require(not path.exists() or path.is_dir(), f"workdir {path} exists and is not a directory")
         resuming = False

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,7 +25,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from onepfrac_jax.config import ConfigError, first_few, require
+from onepfrac_jax.config import MAX_IMAGE_SIDE, ConfigError, first_few, require, require_int, require_path
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as torchvision does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -136,18 +137,33 @@ def _image_files(folder: Path, class_name: str, root: Path, seen: dict[str, tupl
     # back to an ancestor would otherwise be walked until the path grows too long, and a link to another
     # class's folder would label its images twice.
     walked = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+    for dirpath, dirnames, _ in os.walk(folder, followlinks=True):
         dirnames.sort()  # a deterministic walk, so the error always blames the same link
         real = os.path.realpath(dirpath)
         if real in seen:
             raise _read_twice_error(Path(dirpath), class_name, *seen[real], root)
         seen[real] = (Path(dirpath), class_name)
-        walked.append((dirpath, filenames))
-    files = []
-    for dirpath, filenames in sorted(walked):
-        names = sorted(name for name in filenames if name.lower().endswith(IMG_EXTENSIONS))
-        files.extend(Path(dirpath, name) for name in names)
-    return files
+        walked.append(dirpath)
+    return [path for dirpath in sorted(walked) for path in _image_entries(dirpath)]
+
+
+def _image_entries(dirpath: str) -> list[Path]:
+    """The image files of one directory, sorted; one whose name says image but is no regular file (nor a symlink to
+    one) is a ConfigError naming it: reading a FIFO waits forever for a writer, a device or socket holds no image.
+    DirEntry.is_file reads the type listed with the name: no system call per regular file."""
+    with os.scandir(dirpath) as entries:
+        found = [e for e in entries if e.name.lower().endswith(IMG_EXTENSIONS) and not e.is_dir()]
+    for entry in found:
+        if not entry.is_file():
+            try:
+                mode = os.stat(entry.path).st_mode
+            except OSError as e:
+                raise ConfigError(f"ImageFolder file {entry.path} cannot be read ({e.strerror}; a broken symlink?): "
+                                  f"fix or remove it") from e
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+            raise ConfigError(f"ImageFolder file {entry.path} is {kind}, not a regular file: remove it or move it "
+                              f"out of the tree")
+    return sorted(Path(e.path) for e in found)
 
 
 class ImageFolderSource:
@@ -307,6 +323,12 @@ class TfdsSource:
         else:
             image = Image.fromarray(image[:, :, :3])
         return {"image": _square_array(_rgb(image), self.image_size), "label": int(example["label"])}
+
+
+def validate_section(section: ml_collections.ConfigDict) -> None:
+    """A data section's fields that need no file read: its directory's length and the decode size."""
+    require_path("data.data_dir", section.get("data_dir", ""))
+    require_int("data.image_size", section.image_size, 1, MAX_IMAGE_SIDE, " (an image's pixels are indexed in int32)")
 
 
 def make_source(section: ml_collections.ConfigDict, split: str) -> Source:

@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
-from onepfrac_jax.config import ConfigError
+from onepfrac_jax.config import INT32_MAX, MAX_IMAGE_SIDE, SEED_MAX, ConfigError, byte_size, require
 from onepfrac_jax.fractals import ifs, render
-from onepfrac_jax.parallel.mesh import DATA, data_sharding, make_data_mesh, replicated, to_host
+from onepfrac_jax.parallel.mesh import DATA, data_sharding, device_memory_bytes, make_data_mesh, replicated, to_host
 
 # fold_in constants that split the seed into independent streams
 _IFS_STREAM, _CLASS_STREAM, _CHOICE_STREAM = 0, 1, 2
@@ -47,6 +47,7 @@ class BankSpec:
     fill_threshold: float = 0.05  # a class must cover more than this fraction of the canvas
     max_redraws: int = 100  # fresh perturbations tried per class before giving up
     classes_per_call: int = 0  # classes per device call, rounded up to the device count; 0: classes_per_device's
+    stored_per_class = 1  # rendered images per class (FdslSpec's FractalDB has more)
 
     @classmethod
     def from_config(cls, config, renamed: dict[str, str] | None = None) -> BankSpec:
@@ -78,15 +79,42 @@ class BankSpec:
 def drawing_checks(spec) -> list[tuple[bool, str]]:
     """(ok, message) of the fields every bank spec shares: class count, canvas, points, draw mode, call size."""
     return [
+        (0 <= spec.seed <= SEED_MAX, f"seed={spec.seed} must lie in [0, {SEED_MAX:,}] (JAX keys hold 32 bits of it)"),
         (spec.num_classes > 0, f"num_classes={spec.num_classes} must be > 0"),
+        (spec.num_classes * spec.stored_per_class <= INT32_MAX,
+         f"num_classes={spec.num_classes} makes {spec.num_classes * spec.stored_per_class:,} bank rows, past the "
+         f"{INT32_MAX:,} an int32 label indexes"),
         (spec.image_size >= 16, f"image_size={spec.image_size} must be ≥ 16"),
+        (spec.image_size <= MAX_IMAGE_SIDE,
+         f"image_size={spec.image_size} must be ≤ {MAX_IMAGE_SIDE:,} (a canvas's pixels are indexed in int32)"),
         (spec.pad >= 1, f"pad={spec.pad} must be ≥ 1 (the largest coordinate lands on image_size − pad)"),
         (spec.image_size - 2 * spec.pad >= 8, f"pad={spec.pad} leaves no canvas in image_size={spec.image_size}"),
         (1 < spec.num_points <= render.MAX_POINTS,
          f"num_points={spec.num_points} must lie in [2, {render.MAX_POINTS:,}]"),
         (spec.draw_mode in render.DRAW_MODES, f"draw_mode={spec.draw_mode!r} is not one of {render.DRAW_MODES}"),
-        (spec.classes_per_call >= 0, f"classes_per_call={spec.classes_per_call} must be ≥ 0 (0: automatic)"),
+        (0 <= spec.classes_per_call <= INT32_MAX,
+         f"classes_per_call={spec.classes_per_call} must lie in [0, {INT32_MAX:,}] (0: automatic)"),
     ]
+
+
+def bank_bytes(spec) -> int:
+    """The rendered bank's size, (rows, S, S) uint8: what generate gathers on the host to write it."""
+    return spec.num_classes * spec.stored_per_class * spec.image_size**2
+
+
+def require_fits(spec, needed: int, available: int, where: str) -> None:
+    """ConfigError, saying how much memory the bank needs `where`, unless `needed` ≤ `available` bytes."""
+    require(needed <= available, f"the bank of {spec.num_classes:,} classes at {spec.image_size}² needs "
+                                 f"{byte_size(needed)} {where}, which has {byte_size(available)}: lower the image "
+                                 f"size or num_classes")
+
+
+def require_bank_fits(spec, mesh: Mesh, per_device: int) -> None:
+    """require_fits for each device: its shard of the bank and one render call's canvases (`per_device` classes, an
+    int32 key and a uint8 pixel each); checked before anything is compiled."""
+    shard = math.ceil(spec.num_classes * spec.stored_per_class / mesh.devices.size) * spec.image_size**2
+    require_fits(spec, shard + per_device * spec.image_size**2 * 5, device_memory_bytes(mesh),
+                 f"on each of the {mesh.devices.size} devices")
 
 
 def raise_first_failure(checks: list[tuple[bool, str]]) -> None:
@@ -158,12 +186,13 @@ def render_options(spec: BankSpec) -> dict:
 
 
 @functools.lru_cache(maxsize=8)
-def classes_per_device(classes_per_call: int, mesh: Mesh) -> int:
+def classes_per_device(classes_per_call: int, mesh: Mesh, image_size: int) -> int:
     """Classes each device renders in one call: `classes_per_call` split over the mesh, or when it is 0, 4 on CPUs (a
-    call's canvases stay in cache: 1.7× faster than 16 per device on 2 cores) and 32 on accelerators."""
-    if classes_per_call:
-        return math.ceil(classes_per_call / mesh.devices.size)
-    return 4 if mesh.devices.flat[0].platform == "cpu" else 32
+    call's canvases stay in cache: 1.7× faster than 16 per device on 2 cores) and 32 on accelerators; at most as
+    many as keep the call's pixels indexable in int32 (render.rasterise's flat index)."""
+    wanted = math.ceil(classes_per_call / mesh.devices.size) if classes_per_call else \
+        4 if mesh.devices.flat[0].platform == "cpu" else 32
+    return max(1, min(wanted, INT32_MAX // image_size**2))
 
 
 def shared_choice_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, draw_mode: str) -> Callable:
@@ -229,7 +258,8 @@ def build_bank(
     mesh = make_data_mesh() if mesh is None else mesh
     num_devices = mesh.devices.size
     rows_per_device = math.ceil(spec.num_classes / num_devices)
-    per_device = min(classes_per_device(spec.classes_per_call, mesh), rows_per_device)
+    per_device = min(classes_per_device(spec.classes_per_call, mesh, spec.image_size), rows_per_device)
+    require_bank_fits(spec, mesh, per_device)
     renderer = shared_choice_renderer(mesh, **render_options(spec))
     sharded = data_sharding(mesh)
     say = progress or (lambda _: None)

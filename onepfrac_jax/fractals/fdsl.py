@@ -31,7 +31,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.fractals import render
-from onepfrac_jax.fractals.bank import classes_per_device, drawing_checks, raise_first_failure
+from onepfrac_jax.fractals.bank import classes_per_device, drawing_checks, raise_first_failure, require_bank_fits
 from onepfrac_jax.parallel.mesh import DATA, data_sharding, make_data_mesh, to_host
 
 DATASETS = ("1p-frac", "ofdb", "fractaldb")
@@ -151,7 +151,7 @@ def own_choice_renderer(mesh: Mesh, image_size: int, pad: int, num_points: int, 
 
 
 def _call_size(spec: FdslSpec, mesh: Mesh) -> int:
-    return classes_per_device(spec.classes_per_call, mesh) * mesh.devices.size
+    return classes_per_device(spec.classes_per_call, mesh, spec.image_size) * mesh.devices.size
 
 
 @dataclasses.dataclass
@@ -244,6 +244,7 @@ def build_fdsl_bank(spec: FdslSpec, mesh: Mesh | None = None,
     """Searches the L classes, then renders every class's stored images (sharded over `mesh`)."""
     spec.validate()
     mesh = make_data_mesh() if mesh is None else mesh
+    require_bank_fits(spec, mesh, _call_size(spec, mesh) // mesh.devices.size)
     say = progress or (lambda _: None)
     systems, probs, candidate, fill, tried = search(spec, mesh, say)
     stored = spec.stored_per_class

@@ -7,6 +7,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from onepfrac_jax.config import host_memory_bytes
+
 DATA = "data"
 
 
@@ -23,6 +25,16 @@ def data_sharding(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def device_memory_bytes(mesh: Mesh) -> int:
+    """The memory each device of `mesh` may fill: the least `bytes_limit` of this process's devices, or where they
+    report none (CPUs) this host's memory shared among them."""
+    local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
+    limits = [(d.memory_stats() or {}).get("bytes_limit") for d in local]
+    if all(limits):
+        return min(limits)
+    return host_memory_bytes() // len(local)
 
 
 def to_host(array: jax.Array) -> np.ndarray:

@@ -8,7 +8,7 @@ import ml_collections
 from absl import logging
 
 from onepfrac_jax.config import require, require_choice
-from onepfrac_jax.data import pipeline
+from onepfrac_jax.data import pipeline, sources
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding
 from onepfrac_jax.train import classify, loop, pair
 
@@ -24,6 +24,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"agent.patch_size={config.agent.patch_size} must be > 0 (or -1: the ViT's)")
     pair.loss_weights(config)
     pair.hint_layers(config)
+    require(config.ema_decay == 0, f"ema_decay={config.ema_decay}: bootstrap runs keep no EMA (the agent's "
+                                   f"BatchNorm statistics would not match averaged weights); leave it 0")
+    sources.validate_section(config.data)
+    loop.validate_train_fields(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.Result:

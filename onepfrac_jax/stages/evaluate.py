@@ -17,9 +17,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from onepfrac_jax.config import require, require_choice
+from onepfrac_jax.config import require, require_choice, require_int, require_path, require_representable
 from onepfrac_jax.data import pipeline
-from onepfrac_jax.data.sources import Source, make_source, verify_source
+from onepfrac_jax.data.sources import Source, make_source, validate_section, verify_source
 from onepfrac_jax.inference import MODELS, Classifier, load_classifier, weights_classifier
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh, to_host
 from onepfrac_jax.rundir import Result, RunDir, read_run_config
@@ -43,16 +43,21 @@ def validate_source_fields(config: ml_collections.ConfigDict, devices: int) -> N
     """The fields of configs/evaluate.py's add_source_fields, before any model or data is read."""
     require(str(config.init_from).strip() != "",
             "init_from is empty; name a run directory or a weights file: --config.init_from=RUN_OR_WEIGHTS")
+    require_path("init_from", config.init_from)
     require(config.step >= -1, f"step={config.step} must be a checkpoint's step, or -1 for the latest")
+    require_int("step", config.step, -1)
     require(config.batch_size > 0 and config.batch_size % devices == 0,
             f"batch_size={config.batch_size} must be > 0 and divisible by the {devices} devices of all processes")
+    require_int("batch_size", config.batch_size, 1)
     classify.validate_model_fields(config)
+    validate_section(config.data)
 
 
 def validate(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
     """Every check that reads no model and no data; `devices`: those of the mesh (default: all of all processes)."""
     validate_source_fields(config, jax.device_count() if devices is None else devices)
     require_choice("bootstrap_model", config.bootstrap_model, MODELS)
+    require_representable(config)
 
 
 def open_classifier(config: ml_collections.ConfigDict,

@@ -18,7 +18,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from onepfrac_jax.config import ConfigError, require
+from onepfrac_jax.config import ConfigError, require, require_int, require_path, require_representable
 from onepfrac_jax.inference import EXPORTERS
 from onepfrac_jax.parallel.mesh import Mesh
 from onepfrac_jax.rundir import Result, RunDir, read_run_config, without_model
@@ -34,7 +34,10 @@ def _nested(a: Path, b: Path) -> bool:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that reads nothing."""
     require(str(config.run).strip() != "", "run is empty; name the run directory to export: --config.run=RUN_DIR")
+    require_path("run", config.run)
     require(config.step >= -1, f"step={config.step} must be a checkpoint's step, or -1 for the latest")
+    require_int("step", config.step, -1)
+    require_representable(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:

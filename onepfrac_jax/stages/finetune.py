@@ -10,7 +10,8 @@ import jax
 import ml_collections
 from absl import logging
 
-from onepfrac_jax.data import pipeline
+from onepfrac_jax.config import require_path
+from onepfrac_jax.data import pipeline, sources
 from onepfrac_jax.data.augment import augment_batch, augment_config
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding
 from onepfrac_jax.train import classify, loop
@@ -19,6 +20,9 @@ from onepfrac_jax.train import classify, loop
 def validate(config: ml_collections.ConfigDict) -> None:
     """Every check that reads nothing (init_from's file is checked by `run`, before anything is loaded)."""
     classify.validate_model_fields(config)
+    require_path("init_from", config.init_from)
+    sources.validate_section(config.data)
+    loop.validate_train_fields(config)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> loop.Result:

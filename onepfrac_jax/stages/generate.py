@@ -17,9 +17,9 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-from onepfrac_jax.config import require_choice
+from onepfrac_jax.config import host_memory_bytes, require_choice, require_representable
 from onepfrac_jax.fractals import fdsl
-from onepfrac_jax.fractals.bank import BankSpec, build_bank
+from onepfrac_jax.fractals.bank import BankSpec, bank_bytes, build_bank, require_fits
 from onepfrac_jax.fractals.fdsl import FdslSpec
 from onepfrac_jax.fractals.grid import image_grid
 from onepfrac_jax.parallel.mesh import Mesh, to_host
@@ -69,6 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> BankSpec | FdslSpec:
     require_choice("dataset", config.dataset, fdsl.DATASETS)
     spec = BankSpec.from_config(config) if config.dataset == "1p-frac" else FdslSpec.from_config(config)
     spec.validate()
+    require_representable(config)
+    require_fits(spec, bank_bytes(spec), host_memory_bytes(), "on the host that writes it")
     return spec
 
 

@@ -18,12 +18,13 @@ from onepfrac_jax.train import bank_task, classify, loop
 def validate(config: ml_collections.ConfigDict) -> BankSpec | fdsl.FdslSpec:
     """Every check that needs no devices' work: the bank, the model, the augmentation; returns the bank's spec."""
     spec = bank_task.bank_spec(config)
-    spec.validate()
+    bank_task.validate_bank(spec)
     classify.validate_model_fields(config)
     require_choice("data_mode", config.data_mode, bank_task.DATA_MODES)
     require(config.data_mode == "bank" or config.dataset == "1p-frac",
             f"data_mode={config.data_mode!r} renders 1p-frac classes only; dataset={config.dataset!r} needs 'bank'")
     require(config.image_size >= 16, f"image_size={config.image_size} must be ≥ 16")
+    loop.validate_train_fields(config)
     return spec
 
 

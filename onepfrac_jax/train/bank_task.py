@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from onepfrac_jax.config import require_choice
+from onepfrac_jax.config import ConfigError, require_choice
 from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
 from onepfrac_jax.fractals import fdsl, render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank, render_options
@@ -74,6 +75,17 @@ def bank_spec(config: ml_collections.ConfigDict) -> BankSpec | fdsl.FdslSpec:
     if config.dataset == "1p-frac":
         return BankSpec.from_config(config, _RENAMED)
     return fdsl.FdslSpec.from_config(config, _RENAMED)
+
+
+def validate_bank(spec: BankSpec | fdsl.FdslSpec) -> None:
+    """spec.validate(), its messages naming the pre-train config's fields (render_size, not image_size)."""
+    try:
+        spec.validate()
+    except ConfigError as e:
+        message = str(e)
+        for field, key in _RENAMED.items():
+            message = re.sub(rf"\b{field}=", f"{key}=", message)
+        raise ConfigError(message) from None
 
 
 def make_bank_evaluate(model: ViT, augment: AugmentConfig, mesh: Mesh, images: jax.Array, num_classes: int,

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from onepfrac_jax.config import TRAINING_STAGES, ConfigError, require
+from onepfrac_jax.config import MAX_IMAGE_SIDE, TRAINING_STAGES, ConfigError, require, require_int
 from onepfrac_jax.data.augment import AugmentConfig, augment_config, eval_transform
 from onepfrac_jax.export.timm import export_vit, load_timm_weights
 from onepfrac_jax.models import DTYPES, VIT_PRESETS, ViT, create_vit, resolve_attention, resolve_dtype
@@ -63,6 +63,8 @@ def validate_model_fields(config: ml_collections.ConfigDict) -> None:
     require(config.model in VIT_PRESETS, f"model={config.model!r} is not one of {', '.join(sorted(VIT_PRESETS))}")
     for name in FREE_DIMS:
         require(config[name] == -1 or config[name] > 0, f"{name}={config[name]} must be > 0 (or -1: the preset's)")
+        require_int(name, config[name], -1)
+    require_int("image_size", config.image_size, 1, MAX_IMAGE_SIDE, " (an image's pixels are indexed in int32)")
     require(0 <= config.drop_path < 1 and 0 <= config.dropout < 1, "drop_path and dropout must lie in [0, 1)")
     require(isinstance(config.remat, bool), f"remat={config.remat!r} must be True or False")
     require(config.dtype in DTYPES, f"dtype={config.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -153,10 +155,17 @@ def init_weights_path(init_from: str) -> Path:
                                                   f"missing); let it finish, or point at a weights file")
             raise ConfigError(f"{without_model(f'init_from={init_from}', stage, 'trains no model')} (init_from takes "
                               f"a {', '.join(TRAINING_STAGES)} run, an export folder or a weights file)")
-        return exported
+        return _weights_file(exported, init_from)
     require(path.exists(), f"init_from={init_from} does not exist")
     require(path.suffix in WEIGHT_SUFFIXES, f"init_from={init_from}: expected a run directory, an export folder or "
                                             f"a weights file ({', '.join(WEIGHT_SUFFIXES)})")
+    return _weights_file(path, init_from)
+
+
+def _weights_file(path: Path, init_from: str) -> Path:
+    """`path` when it is a regular file or a symlink to one: reading a FIFO would wait forever for a writer."""
+    require(path.is_file(), f"init_from={init_from}: {path} is not a regular file (a FIFO, socket or device); name "
+                            f"the weights file itself")
     return path
 
 

@@ -34,7 +34,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from onepfrac_jax.config import require, require_choice
+from onepfrac_jax.config import INT32_MAX, SEED_MAX, require, require_choice, require_int, require_representable
 from onepfrac_jax.models import DTYPES
 from onepfrac_jax.parallel.mesh import Mesh, make_data_mesh, replicated
 from onepfrac_jax.rundir import Result, RunDir
@@ -137,17 +137,12 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
     config.overwrite = False  # delete the run workdir holds (only a run of this project) and start afresh
 
 
-def validate_train_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
-    """The loop's fields; `devices` (default: all of every process) must divide the batch."""
+def validate_train_fields(config: ml_collections.ConfigDict) -> None:
+    """The loop's fields, without devices: each training stage's validate() checks them before anything starts."""
+    require_int("seed", config.seed, 0, SEED_MAX, " (JAX keys hold 32 bits of it)")
     require(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
-    devices = jax.device_count() if devices is None else devices
-    require(config.batch_size % devices == 0,
-            f"batch_size={config.batch_size} is not divisible by the {devices} devices of all processes")
     accum = config.get("accum_steps", 1)
     require(isinstance(accum, int) and accum >= 1, f"accum_steps={accum!r} must be an integer ≥ 1")
-    require(config.batch_size % (devices * accum) == 0,
-            f"batch_size={config.batch_size} does not split into accum_steps={accum} micro-batches over the "
-            f"{devices} devices (it must divide by devices × accum_steps = {devices * accum})")
     require_choice("dtype", config.dtype, tuple(DTYPES))
     require(config.total_steps == -1 or config.total_steps > 0, f"total_steps={config.total_steps} must be > 0")
     require(config.num_epochs > 0, f"num_epochs={config.num_epochs} must be > 0")
@@ -155,9 +150,26 @@ def validate_train_config(config: ml_collections.ConfigDict, devices: int | None
     require(config.checkpoint_every_steps > 0, f"checkpoint_every_steps={config.checkpoint_every_steps} must be > 0")
     require(config.keep_checkpoints > 0, f"keep_checkpoints={config.keep_checkpoints} must be > 0")
     require(config.eval_every_steps >= 0, f"eval_every_steps={config.eval_every_steps} must be ≥ 0")
+    lowest = {"batch_size": 1, "accum_steps": 1, "total_steps": -1, "log_every_steps": 1,
+              "checkpoint_every_steps": 1, "keep_checkpoints": 1, "eval_every_steps": 0}
+    for name, low in lowest.items():
+        require_int(name, config.get(name, 1), low, INT32_MAX, " (an int32 step or row counts it)")
     require(0 <= config.ema_decay < 1, f"ema_decay={config.ema_decay} must lie in [0, 1) (0: no EMA)")
     profile_steps(config)
     optim.validate(config.optim)
+    require_representable(config)
+
+
+def validate_train_config(config: ml_collections.ConfigDict, devices: int | None = None) -> None:
+    """validate_train_fields, and `devices` (default: all of every process) must divide the batch."""
+    validate_train_fields(config)
+    devices = jax.device_count() if devices is None else devices
+    require(config.batch_size % devices == 0,
+            f"batch_size={config.batch_size} is not divisible by the {devices} devices of all processes")
+    accum = config.get("accum_steps", 1)
+    require(config.batch_size % (devices * accum) == 0,
+            f"batch_size={config.batch_size} does not split into accum_steps={accum} micro-batches over the "
+            f"{devices} devices (it must divide by devices × accum_steps = {devices * accum})")
 
 
 def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
@@ -176,7 +188,10 @@ def profile_steps(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
 def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float) -> int:
     if config.total_steps > 0:
         return config.total_steps
-    return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    steps = max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    require(steps <= INT32_MAX, f"num_epochs={config.num_epochs} makes {steps:,} steps, past the {INT32_MAX:,} "
+                                f"an int32 step counter holds; lower num_epochs or set total_steps")
+    return steps
 
 
 def _all_finite(tree: Any) -> jax.Array:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from onepfrac_jax.config import require, require_choice
+from onepfrac_jax.config import INT32_MAX, require, require_choice, require_int
 
 OPTIMIZERS = ("adamw", "sgd")
 # Never decayed, as timm's `no_weight_decay()`: besides every bias and norm parameter (ndim ≤ 1).
@@ -44,6 +44,10 @@ def validate(c: ml_collections.ConfigDict) -> None:
     require(c.weight_decay >= 0, f"optim.weight_decay={c.weight_decay} must be ≥ 0")
     require(c.clip_grad_norm >= 0, f"optim.clip_grad_norm={c.clip_grad_norm} must be ≥ 0")
     require(c.warmup_epochs >= 0, f"optim.warmup_epochs={c.warmup_epochs} must be ≥ 0")
+    require_int("optim.warmup_steps", c.warmup_steps, -1, INT32_MAX, " (-1: warmup_epochs decides)")
+    require(0 <= c.b1 < 1 and 0 <= c.b2 < 1, f"optim.b1={c.b1} and optim.b2={c.b2} must lie in [0, 1)")
+    require(c.eps > 0, f"optim.eps={c.eps} must be > 0")
+    require(c.momentum >= 0, f"optim.momentum={c.momentum} must be ≥ 0")
 
 
 def schedule(c: ml_collections.ConfigDict, total_steps: int, steps_per_epoch: int, global_batch: int) -> optax.Schedule:
