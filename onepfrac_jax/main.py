@@ -5,15 +5,16 @@ from __future__ import annotations
 import importlib
 import logging as logging_std
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
+from types import FrameType, ModuleType
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onepfrac_jax import configs
-from onepfrac_jax.config import STAGES, ConfigError, RunError
+from onepfrac_jax.config import STAGES, ConfigError, Interrupted, RunError
 from onepfrac_jax.parallel import distributed
 from onepfrac_jax.train.loop import NonFiniteLossError
 
@@ -23,8 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: outputs, checkpoints, logs.")
 flags.mark_flags_as_required(["config", "workdir"])
 
-# exit codes: 2 bad input (nothing written), 3 non-finite loss or state, 4 a fault of a started run (disk full)
-EXIT_CODES = {ConfigError: 2, NonFiniteLossError: 3, RunError: 4}
+# exit codes: 2 bad input (nothing written), 3 non-finite loss or state, 4 a fault of a started run (disk full),
+# 130 Ctrl-C (the shell's 128 + SIGINT)
+EXIT_CODES = {ConfigError: 2, NonFiniteLossError: 3, RunError: 4, Interrupted: 130}
 CONFIG_DIR = Path(configs.__file__).resolve().parent  # the repository's configs/, installed as onepfrac_jax.configs
 # Stages whose work XLA:CPU runs one core per device (rendering is scatters and elementwise loops): on a CPU they
 # get one device per core unless --cpu_devices says otherwise. Training keeps one device, whose matmuls and
@@ -106,9 +108,17 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
     return record.levelno >= logging_std.WARNING
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    """Ctrl-C unwinds the run as an error would (RunDir says what it left, in one line; the training loop has its own
+    handler, which checkpoints first); a second Ctrl-C ends the process at once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str]) -> None:
     del argv  # parse_flags refused any positional argument
     logging.get_absl_handler().addFilter(_quiet_libraries)
+    signal.signal(signal.SIGINT, _interrupt)
     config = _CONFIG.value
     stage = config.get("stage")
     try:
@@ -117,7 +127,9 @@ def main(argv: list[str]) -> None:
         if stage not in STAGES:
             raise ConfigError(f"config.stage={stage!r} is not one of {', '.join(STAGES)}")
         stage_module(stage).run(config, _WORKDIR.value)
-    except (ConfigError, NonFiniteLossError, RunError) as e:
+    except (ConfigError, NonFiniteLossError, RunError, KeyboardInterrupt) as e:
+        if type(e) is KeyboardInterrupt:  # outside a run directory (RunDir and the loop raise Interrupted)
+            e = Interrupted("interrupted (Ctrl-C) before this command wrote anything; run it again")
         logging.error("%s", e)
         distributed.fail(e, EXIT_CODES[type(e)])  # with peers failing alike; not held by those in a collective
 

@@ -34,7 +34,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from onepfrac_jax.config import STAGES, ConfigError, require, require_path, to_json
+from onepfrac_jax.config import STAGES, ConfigError, Interrupted, require, require_path, to_json
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.json"
@@ -119,10 +119,12 @@ def _agree(ok: bool, message: str) -> None:
 class RunDir:
     """One stage's run directory, from the start-up checks to the end of the run (a context manager)."""
 
-    def __init__(self, path: Path, config: ml_collections.ConfigDict, resuming: bool, created: bool):
+    def __init__(self, path: Path, config: ml_collections.ConfigDict, resuming: bool, created: bool,
+                 resumable: bool = True):
         self.path = path
         self.config = config
         self.resuming = resuming
+        self.resumable = resumable
         self._created = created
         self._lock_fd: int | None = None
         self._begun = False
@@ -157,7 +159,7 @@ class RunDir:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"workdir {path} cannot be created: {e.strerror}") from e
-        run = cls(path, config, resuming, created=not existed)
+        run = cls(path, config, resuming, created=not existed, resumable=resumable)
         ok, message = True, ""
         if jax.process_index() == 0:
             try:
@@ -252,6 +254,17 @@ class RunDir:
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close(failed=kind is not None)
+        if kind is KeyboardInterrupt:  # Ctrl-C: one line that says what is left (the training loop says its own)
+            raise Interrupted(self._interrupted()) from None
+
+    def _interrupted(self) -> str:
+        """What a Ctrl-C left of this run, and how to go on."""
+        if not self._begun:
+            return f"interrupted (Ctrl-C) before this command wrote anything in {self.path}; run it again"
+        if self.resumable:
+            return f"interrupted (Ctrl-C); run the same command again to resume the run in {self.path}"
+        return (f"interrupted (Ctrl-C): the {self.config.stage} run in {self.path} is incomplete (no result.json); "
+                f"run the same command with --config.overwrite=True to start it again")
 
 
 @dataclasses.dataclass
@@ -261,7 +274,7 @@ class Result:
     stage: str
     step: int  # the step the run reached
     total_steps: int
-    stopped: bool  # left early on SIGTERM (a checkpoint was saved)
+    stopped: bool  # left early on SIGTERM or Ctrl-C (a checkpoint was saved)
     history: list[dict]  # every evaluation of the run, resumed parts included: {'step': s, name: value, ...}
     files: dict[str, str]  # what was exported: name -> path
     state: Any = None  # what the stage made: a training stage's final TrainState, generate's FractalBank

@@ -17,7 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, TINY_PRETRAIN, LocalRun, csv_rows, main_argv, make_image_folder
+from conftest import TINY_MODEL, TINY_PRETRAIN, LocalRun, assert_one_error, csv_rows, main_argv, make_image_folder
 from PIL import Image
 
 from onepfrac_jax.train.checkpoint import load_variables
@@ -129,6 +129,17 @@ def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_
 ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 50, "log_every_steps": 10}
 
 
+def endless(workdir: Path, log_dir: Path) -> LocalRun:
+    """2 x 2 processes pre-training ENDLESS in `workdir`, returned once the checkpoint at step 50 is written."""
+    run = start(2, 2, main_argv("configs/pretrain.py:demo", workdir, ENDLESS), log_dir)
+    deadline = time.monotonic() + TIMEOUT
+    while not (workdir / "checkpoints" / "50").exists():
+        assert all(p.poll() is None for p in run.procs), run.tail(0) + run.tail(1)
+        assert time.monotonic() < deadline, "no checkpoint at step 50"
+        time.sleep(0.05)
+    return run
+
+
 def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path):
     """launch/local.sh (like SLURM) sends SIGTERM to every process, not all at the same instant.
 
@@ -137,12 +148,7 @@ def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path)
     process, process 1 would stop alone and process 0 would wait for it in the next collective.
     """
     workdir = tmp_path / "run"
-    run = start(2, 2, main_argv("configs/pretrain.py:demo", workdir, ENDLESS), tmp_path / "logs")
-    deadline = time.monotonic() + TIMEOUT
-    while not (workdir / "checkpoints" / "50").exists():
-        assert all(p.poll() is None for p in run.procs), run.tail(0) + run.tail(1)
-        assert time.monotonic() < deadline, "no checkpoint at step 50"
-        time.sleep(0.05)
+    run = endless(workdir, tmp_path / "logs")
     run.procs[1].send_signal(signal.SIGTERM)
     time.sleep(1)
     if run.procs[0].poll() is None:
@@ -155,6 +161,22 @@ def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path)
     assert checkpoint_steps(workdir)[-1] == step
     assert not (workdir / "export").exists()  # a stopped run does not export
     assert int(csv_rows(workdir / "metrics.csv")[-1]["step"]) <= step
+
+
+def test_ctrl_c_on_one_process_stops_every_process_at_one_step(tmp_path):
+    """JAX's preemption service owns SIGTERM here; a Ctrl-C on process 1 alone reaches it as a SIGTERM from process
+    1's own handler, so process 0 stops at the same step (the save is collective). Process 1 says so in one line,
+    exit 130; process 0, which got no Ctrl-C, stops as on a SIGTERM (exit 0)."""
+    workdir = tmp_path / "run"
+    run = endless(workdir, tmp_path / "logs")
+    run.procs[1].send_signal(signal.SIGINT)
+    first, second = run.wait(120)
+    assert first.returncode == 0, run.tail(0)
+    line = assert_one_error(second, 130, "run the same command again to resume")
+    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+) of", line).group(1))
+    said = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", first.stderr)
+    assert said and int(said.group(1)) == step and 50 <= step < 100_000, run.tail(0)
+    assert checkpoint_steps(workdir)[-1] == step
 
 
 # ---------------------------------------------------------------------------------------------- generate ----

@@ -108,15 +108,24 @@ def cli(workdir: Path, overrides: dict) -> list[str]:
 SLOW = {**TINY_PRETRAIN, "total_steps": 120, "checkpoint_every_steps": 30, "log_every_steps": 10}
 
 
+def started(workdir: Path, overrides: dict) -> subprocess.Popen:
+    """main.py pre-training in `workdir` (stderr piped), returned once its first checkpoint (step 30) is written."""
+    proc = subprocess.Popen(cli(workdir, overrides), cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (workdir / "checkpoints" / "30").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    return proc
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
 def test_exact_resume_after_sigkill(tmp_path):
     reference = run_cli("configs/pretrain.py:demo", tmp_path / "a", SLOW, timeout=600)
     assert reference.returncode == 0, reference.stderr[-2000:]
-    proc = subprocess.Popen(cli(tmp_path / "b", SLOW), cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first = tmp_path / "b" / "checkpoints" / "30"
-    deadline = time.time() + 300
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    proc = started(tmp_path / "b", SLOW)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     assert not (tmp_path / "b" / "checkpoints" / "120").exists(), "the run finished before it could be killed"
@@ -131,19 +140,49 @@ def test_exact_resume_after_sigkill(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
-    proc = subprocess.Popen(cli(tmp_path / "run", {**SLOW, "total_steps": 100000}), cwd=ROOT, env=clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    first = tmp_path / "run" / "checkpoints" / "30"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    proc = started(tmp_path / "run", {**SLOW, "total_steps": 100000})
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-2000:]
     said = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", stderr)
     assert said, stderr[-2000:]
-    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    steps = checkpoint_steps(tmp_path / "run")
     assert steps[-1] == int(said.group(1)) and 30 <= steps[-1] < 100000
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(tmp_path):
+    """SIGINT does what SIGTERM does (stop at a step boundary, checkpoint there), in one line and exit code 130."""
+    workdir = tmp_path / "run"
+    proc = started(workdir, SLOW)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    line = assert_one_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 130,
+                            f"saved in {workdir / 'checkpoints'}; run the same command again to resume")
+    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+) of 120", line).group(1))
+    assert 30 <= step < 120 and checkpoint_steps(workdir)[-1] == step
+    assert json.loads((workdir / "result.json").read_text())["stopped"] is True
+    assert not (workdir / "export").exists() and not (workdir / ".lock").exists()
+    resumed = run_cli("configs/pretrain.py:demo", workdir, SLOW, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert re.search(rf"resumed from \S+ at step {step}\b", resumed.stderr), resumed.stderr[-2000:]
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["stopped"] is False and result["step"] == 120 and (workdir / "export" / "model.safetensors").exists()
+
+
+def test_a_second_ctrl_c_exits_at_once_and_the_checkpoints_stay_usable(tmp_path):
+    """The second Ctrl-C kills the process (the default action), likely while the checkpoint of every step is being
+    written: Orbax's write-then-rename keeps the ones before it usable, and the same command resumes and finishes."""
+    workdir = tmp_path / "run"
+    proc = started(workdir, {**SLOW, "checkpoint_every_steps": 1})
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)  # the first one's handler has run (it rearms the default action) unless the step is still busy
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in stderr, stderr[-2000:]
+    assert checkpoint_steps(workdir)[-1] < 120, "the run finished before it was interrupted"
+    resumed = run_cli("configs/pretrain.py:demo", workdir, {**SLOW, "checkpoint_every_steps": 1}, timeout=600)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
+    assert json.loads((workdir / "result.json").read_text())["step"] == 120
 
 
 def finetune_config(data_dir: Path, **overrides):

@@ -38,14 +38,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Result:
-    """Runs the three stages in workdir/{generate,pretrain,finetune}; returns the fine-tune's Result."""
+    """Runs the three stages in workdir/{generate,pretrain,finetune}; returns the fine-tune's Result. A demo stopped
+    part-way (SIGTERM, Ctrl-C: no result.json yet) goes on where it stopped; a finished one is only replaced."""
     validate(config)
-    with RunDir.open(config, workdir, resumable=False) as run_dir:
+    finished = (Path(workdir).expanduser() / "result.json").exists()
+    with RunDir.open(config, workdir, resumable=not finished) as run_dir:
         run_dir.begin()  # an overwrite clears the earlier demo, sub-runs included
         root = run_dir.path
         for name, stage, stage_config in sub_runs(config, root):
+            if name == "generate" and (root / name / "result.json").exists():
+                continue  # rendered before the demo stopped (a generate run is never resumed)
             print(f"\n== {name} → {root / name}")
             result = stage.run(stage_config, str(root / name), mesh)
+            if result.stopped:  # SIGTERM: the same command goes on from its checkpoint
+                return result
         print(f"\nDone. The fractal classes: {root / 'generate' / 'preview.png'}\n"
               f"Pre-training curves (loss, bank_top1): {root / 'pretrain' / 'curves.png'}; its first augmented "
               f"batch: {root / 'pretrain' / 'augmented_batch.png'}\n"

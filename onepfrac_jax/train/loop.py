@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -34,7 +35,15 @@ import optax
 from absl import logging
 from flax import struct
 
-from onepfrac_jax.config import INT32_MAX, SEED_MAX, require, require_choice, require_int, require_representable
+from onepfrac_jax.config import (
+    INT32_MAX,
+    SEED_MAX,
+    Interrupted,
+    require,
+    require_choice,
+    require_int,
+    require_representable,
+)
 from onepfrac_jax.models import DTYPES
 from onepfrac_jax.parallel.mesh import Mesh, make_data_mesh, replicated
 from onepfrac_jax.rundir import Result, RunDir
@@ -341,7 +350,7 @@ _sync_calls = 0
 
 
 class _Stop:
-    """SIGTERM asks the loop to checkpoint and leave at a step boundary that every process agrees on.
+    """SIGTERM or Ctrl-C asks the loop to checkpoint and leave at a step boundary that every process agrees on.
 
     A checkpoint save is collective, so all processes must stop at the same step even when only some of them got
     the signal. One process: a Python handler sets a flag. Several (after jax.distributed.initialize): JAX's
@@ -349,18 +358,32 @@ class _Stop:
     processes then reach the same sync point (`reached_preemption_sync_point`, a cheap local check each step). Our
     handler is not installed there, as it would replace JAX's. Several processes without that service
     (jax_enable_preemption_service=False): our handler, and each step an all-gather of the flags.
+
+    Ctrl-C stops the same way (where JAX's service owns SIGTERM, our SIGINT handler passes it on as a SIGTERM to this
+    process); `interrupted` tells it apart, for exit code 130. A second Ctrl-C ends the process at once (the default
+    action): Orbax writes a checkpoint under a temporary name and renames it, so the ones before it stay usable.
     """
 
     def __init__(self):
         self.requested = False
+        self.interrupted = False  # by Ctrl-C on this process
         self._sync = _preemption_sync_manager()
         self._received = False
         self.previous = None
         if self._sync is None:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame):
         self._received = True
+
+    def _interrupt(self, signum, frame):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        if self._sync is None:
+            self._received = True
+        else:
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's handler tells every process
 
     def agreed(self) -> bool:
         """Whether to stop now; the same answer on every process. Call once per step on every process."""
@@ -378,9 +401,12 @@ class _Stop:
 
     def restore(self):
         # After a stop the process is on its way out: a later SIGTERM (a launcher signals each process in turn)
-        # must not kill it while its peers still wait for it at JAX's shutdown barrier, so ours stays.
+        # must not kill it while its peers still wait for it at JAX's shutdown barrier, so ours stays; a Ctrl-C then
+        # (or a second one) exits at once.
         if self.previous is not None and not self.requested:
             signal.signal(signal.SIGTERM, self.previous)
+        leaving = self.requested or self.interrupted
+        signal.signal(signal.SIGINT, signal.SIG_DFL if leaving else self.previous_interrupt)
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Run:
@@ -406,7 +432,7 @@ class Run:
 
     def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
                  traceback: TracebackType | None) -> None:
-        self.rundir.close(failed=kind is not None)
+        self.rundir.__exit__(kind, value, traceback)
 
     def _restore(self, checkpoints: Checkpoints, state: TrainState) -> tuple[int, TrainState, list[dict]]:
         """(start step, state, evaluation history) of the newest usable checkpoint, or the fresh state's."""
@@ -537,7 +563,9 @@ class Run:
                     if last_saved != done:  # not saved just above as a regular checkpoint
                         save(done)
                     checkpoints.wait()
-                    logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done, path / "checkpoints")
+                    if not stop.interrupted:  # Ctrl-C's line is the Interrupted below
+                        logging.info("SIGTERM: saved a checkpoint at step %d in %s; exiting", done,
+                                     path / "checkpoints")
                     stopped = True
                     break
         finally:
@@ -558,4 +586,7 @@ class Run:
         result = Result(stage=config.stage, step=done, total_steps=total, stopped=stopped, history=history,
                         files=files, state=state)
         result.write(path)
+        if stopped and stop.interrupted:
+            raise Interrupted(f"interrupted (Ctrl-C) at step {done} of {total}: a checkpoint is saved in "
+                              f"{path / 'checkpoints'}; run the same command again to resume")
         return result

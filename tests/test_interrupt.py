@@ -1,0 +1,80 @@
+"""Ctrl-C outside the training loop: one line that says what is left and how to go on, exit code 130, nothing that
+claims to be complete. Ctrl-C while a model trains (a checkpoint, then the same command resumes) is tested beside
+SIGTERM, in test_stages.py (one process) and test_multihost_training.py (two)."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ml_collections
+import pytest
+from conftest import ROOT, assert_one_error, clean_env, main_argv
+
+from onepfrac_jax.config import Interrupted
+from onepfrac_jax.rundir import LOCK_NAME, RunDir
+
+CONFIG = ml_collections.ConfigDict({"stage": "generate", "overwrite": False})
+
+
+def test_ctrl_c_before_a_run_begins_leaves_no_trace(tmp_path):
+    with pytest.raises(Interrupted) as raised, RunDir.open(CONFIG, tmp_path / "run", resumable=False):
+        raise KeyboardInterrupt
+    assert str(raised.value) == (f"interrupted (Ctrl-C) before this command wrote anything in {tmp_path / 'run'}; "
+                                 f"run it again")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("resumable, says", [
+    (True, "interrupted (Ctrl-C); run the same command again to resume the run in {}"),
+    (False, "interrupted (Ctrl-C): the generate run in {} is incomplete (no result.json); run the same command with "
+            "--config.overwrite=True to start it again"),
+])
+def test_ctrl_c_in_a_run_says_how_to_go_on_and_releases_the_workdir(tmp_path, resumable, says):
+    with pytest.raises(Interrupted) as raised, RunDir.open(CONFIG, tmp_path / "run", resumable=resumable) as run_dir:
+        run_dir.begin()
+        raise KeyboardInterrupt
+    assert str(raised.value) == says.format(tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]  # no lock, no result.json
+
+
+def interrupted(argv: list[str], log: Path, when: str) -> subprocess.CompletedProcess[str]:
+    """main.py with `argv`, sent SIGINT once its output (stdout and stderr, in `log`) matches the regex `when`."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean_env(), stdout=out, stderr=out)
+    deadline = time.time() + 300
+    while not re.search(when, log.read_text()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text())
+
+
+# 4,000 classes of 64²: the PNGs take seconds to write, the rendering before them a few more
+MANY = {"num_classes": 4000, "image_size": 64, "pad": 2, "num_points": 1000, "fill_threshold": 0.0}
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_generate_writes_its_images_leaves_no_result(tmp_path):
+    workdir = tmp_path / "run"
+    result = interrupted(main_argv("configs/generate.py:demo", workdir, MANY), tmp_path / "log.txt", "wrote 250/")
+    assert_one_error(result, 130, f"the generate run in {workdir} is incomplete (no result.json)")
+    assert not (workdir / "result.json").exists() and not (workdir / LOCK_NAME).exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_demo_checkpoints_its_pretrain_and_the_same_command_goes_on_from_there(tmp_path):
+    """Stopped in its pre-training, the demo is resumed by the same command (not refused as a finished demo is): it
+    keeps the generated set and resumes the pre-training from the checkpoint; here a second Ctrl-C stops it again."""
+    workdir, argv = tmp_path / "demo", main_argv("configs/demo.py", tmp_path / "demo")
+    first = interrupted(argv, tmp_path / "first.txt", r"\] step \d+/300")
+    line = assert_one_error(first, 130, f"saved in {workdir / 'pretrain' / 'checkpoints'}; run the same command")
+    step = re.search(r"at step (\d+) of 300", line).group(1)
+    second = interrupted(argv, tmp_path / "second.txt", r"resumed from \S+ at step")
+    assert re.search(rf"resumed from \S+ at step {step}\b", second.stderr), second.stderr[-3000:]
+    assert "== generate" not in second.stderr and (workdir / "generate" / "result.json").exists()
+    assert_one_error(second, 130, "again")
