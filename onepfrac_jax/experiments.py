@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import functools
 import json
 import shlex
 import subprocess
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from onepfrac_jax.files import write_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +188,7 @@ def write_results(name: str, grid: Grid, table: dict, root: Path, seeds: int, ar
             lines.append(f"| {arm} | {label} | {row['steps']} | {_mean_std(m['final'])} | {_mean_std(m['max'])} | "
                          f"{per_seed} | {pre} |")
     lines += ["", "Top-1 in %, on the digits' held-out split; std over seeds (n − 1)."]
-    (root / "results.md").write_text("\n".join(lines) + "\n")
+    write_file(root / "results.md", "\n".join(lines) + "\n")
     _chart(name, table, root / "results.png")
     _curves(name, table, root / "curves.png")
     print(f"wrote {root / 'results.md'}, {root / 'results.png'} and {root / 'curves.png'}")
@@ -211,7 +214,7 @@ def _chart(name: str, table: dict, path: Path) -> None:
     ax.set_title(name)
     ax.set_ylim(0, 100)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file(path, functools.partial(fig.savefig, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -246,7 +249,7 @@ def _curves(name: str, table: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     fig.suptitle(f"{name}: held-out top-1 during training (mean over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_file(path, functools.partial(fig.savefig, format="png", dpi=120))
     plt.close(fig)
 
 

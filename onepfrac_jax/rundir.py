@@ -9,10 +9,11 @@
   one of its stages) and never over `/`, the home directory, the working directory or one of its parents.
 
 Everything else is one ConfigError. Process 0 holds an exclusive `flock` on `DIR/.lock` from `open` to `close`, so a
-second run started in the same workdir is refused at once. Nothing else is written until `begin()`: that is where an
-overwrite deletes the old contents and where `config.json` is written, after a resumed state has been restored, so a
-refused or failed start leaves the directory as it found it (`close(failed=True)` removes what `open` created).
-Every stage ends by writing `DIR/result.json` from its `Result`.
+second run started in the same workdir is refused at once; the lock is opened without following a symlink, and a
+`.lock` that is not a regular file is refused. Nothing else is written until `begin()`: that is where `config.json`
+is written (atomically, files.write_file), after a resumed state has been restored, and where an overwrite replaces
+the old run by renames (`_replace`), so a refused or failed start leaves the directory as it found it
+(`close(failed=True)` removes what `open` created). Every stage ends by writing `DIR/result.json` from its `Result`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
+import stat
 import time
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from onepfrac_jax.config import STAGES, ConfigError, Interrupted, require, require_path, to_json
+from onepfrac_jax.files import write_errors, write_file, write_folder
 
 LOCK_NAME = ".lock"
 CONFIG_NAME = "config.json"
@@ -116,6 +118,74 @@ def _agree(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _not_a_lock(lock_path: Path) -> ConfigError:
+    mode = os.lstat(lock_path).st_mode
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+    return ConfigError(f"{lock_path} is {kind}, not a run's lock file; remove it, or choose another workdir")
+
+
+def _not_writable(lock_path: Path, error: OSError) -> ConfigError:
+    return ConfigError(f"workdir {lock_path.parent} is not writable ({lock_path}: {error.strerror}); choose another "
+                       f"workdir")
+
+
+def _open_lock(lock_path: Path) -> int:
+    """The lock file, opened without following a symlink (a `.lock` linking elsewhere would get its target
+    truncated); ConfigError when it is not a regular file or the workdir cannot be written."""
+    try:
+        # O_NONBLOCK: opening a FIFO does not wait for a writer (it is refused just below)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
+    except OSError as e:
+        if os.path.lexists(lock_path) and not stat.S_ISREG(os.lstat(lock_path).st_mode):
+            raise _not_a_lock(lock_path) from None
+        raise _not_writable(lock_path, e) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _not_a_lock(lock_path)
+    return fd
+
+
+def _take_lock(directory: Path) -> int | None:
+    """The descriptor holding an exclusive flock on `directory`/.lock, which names this process; None where the
+    filesystem has no locks (a warning says so); ConfigError when another run holds it or it cannot be written."""
+    lock_path = directory / LOCK_NAME
+    while True:
+        fd = _open_lock(lock_path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise ConfigError(f"workdir {directory} is in use by another run ({holder}); wait for it to end or "
+                                  f"choose another workdir") from None
+            if e.errno == errno.ENOLCK:  # e.g. an NFS mount without a lock daemon: run, but say so
+                from absl import logging
+
+                logging.warning("cannot lock %s (no file locks on this filesystem): nothing stops a second run in "
+                                "this workdir", lock_path)
+                return None
+            raise ConfigError(f"workdir {directory} cannot be locked: {e.strerror}") from None
+        # The file may have been removed by its previous holder between our open and flock: lock the one that is
+        # at the path now.
+        try:
+            same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                     .encode())
+    except OSError as e:  # a full disk: the run could write nothing else either
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
+        raise _not_writable(lock_path, e) from None
+    return fd
+
+
 class RunDir:
     """One stage's run directory, from the start-up checks to the end of the run (a context manager)."""
 
@@ -149,6 +219,13 @@ class RunDir:
                 require(saved is not None, f"workdir {path} is not empty and is not a run of this project (no "
                                            f"{CONFIG_NAME} naming a stage); --config.overwrite=True deletes only "
                                            f"runs: choose another workdir")
+                # _replace renames within the parent: say so now, not after the expensive work
+                require(not os.path.ismount(path.resolve()),
+                        f"workdir {path} is a mount point, which --config.overwrite=True cannot replace (it renames "
+                        f"the old run aside); empty it yourself, or use a directory inside it")
+                require(os.access(path.resolve().parent, os.W_OK),
+                        f"workdir {path} lies in a directory this user cannot write, and --config.overwrite=True "
+                        f"renames the old run aside there; empty it yourself, or choose another workdir")
             elif saved is None:
                 raise ConfigError(f"workdir {path} is not empty and holds no run of this project; choose another "
                                   f"workdir")
@@ -191,52 +268,48 @@ class RunDir:
         return True
 
     def _lock(self) -> None:
-        lock_path = self.path / LOCK_NAME
-        while True:
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
-                os.close(fd)
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    raise ConfigError(f"workdir {self.path} is in use by another run ({holder}); wait for it to "
-                                      f"end or choose another workdir") from None
-                if e.errno == errno.ENOLCK:  # e.g. an NFS mount without a lock daemon: run, but say so
-                    from absl import logging
-
-                    logging.warning("cannot lock %s (no file locks on this filesystem): nothing stops a second "
-                                    "run in this workdir", lock_path)
-                    return
-                raise ConfigError(f"workdir {self.path} cannot be locked: {e.strerror}") from None
-            # The file may have been removed by its previous holder between our open and flock: lock the one
-            # that is at the path now.
-            try:
-                same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                     .encode())
-        self._lock_fd = fd
+        self._lock_fd = _take_lock(self.path)
 
     def begin(self) -> None:
-        """Commits to the run: an overwrite deletes the old contents, config.json is written (process 0)."""
+        """Commits to the run: process 0 writes config.json or, for an overwrite, replaces the old run (`_replace`);
+        every process waits for it. ConfigError, nothing changed, when that fails (a full disk)."""
         if self._begun:
             return
-        self._begun = True
+        ok, message = True, ""
         if jax.process_index() == 0:
-            if self.config.get("overwrite") and not self.resuming:
-                for item in _contents(self.path):
-                    shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-            (self.path / CONFIG_NAME).write_text(to_json(self.config))
-        if jax.process_count() > 1:  # nobody writes into the directory before process 0 has cleared it
-            from jax.experimental import multihost_utils
+            try:
+                if self.config.get("overwrite") and not self.resuming and _contents(self.path):
+                    self._replace()
+                else:
+                    with write_errors("nothing in the workdir was changed", ConfigError):
+                        write_file(self.path / CONFIG_NAME, to_json(self.config))
+            except ConfigError as e:
+                ok, message = False, str(e)
+        _agree(ok, message)  # a collective: nobody writes into the directory before process 0 has set it up
+        self._begun = True
 
-            multihost_utils.sync_global_devices(f"onepfrac:begin:{self.path}")
+    def _replace(self) -> None:
+        """The overwrite: a new run directory holding the lock and config.json is built beside the old run and
+        renamed into its place, the old one renamed aside first and removed after (files.write_folder), so the
+        workdir never holds a half-deleted run; ConfigError, the old run untouched, when that fails. The old lock
+        is held until the new one is in place: no second run slips in between."""
+        old_fd = self._lock_fd
+
+        def build(new: Path) -> dict:
+            self._lock_fd = _take_lock(new)
+            write_file(new / CONFIG_NAME, to_json(self.config))
+            return {}
+
+        try:
+            with write_errors("the old run is untouched", ConfigError):
+                write_folder(self.path.resolve(), build)  # resolved: a symlinked workdir keeps its link
+        except ConfigError:
+            if self._lock_fd not in (None, old_fd):
+                os.close(self._lock_fd)
+            self._lock_fd = old_fd
+            raise
+        if old_fd is not None:
+            os.close(old_fd)  # its file went aside with the old run
 
     def close(self, failed: bool = False) -> None:
         """Releases the lock; a start that failed before `begin()` leaves no trace of itself."""
@@ -296,7 +369,8 @@ class Result:
         """DIR/result.json and (unless `quiet`) the console summary, on process 0."""
         if jax.process_index() != 0:
             return
-        (path / "result.json").write_text(json.dumps(self.to_json(), indent=1))
+        with write_errors("everything else the run wrote is intact"):
+            write_file(path / "result.json", json.dumps(self.to_json(), indent=1))
         if quiet:
             return
         for name, value in self.summary.items():

@@ -15,7 +15,8 @@ from onepfrac_jax.config import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-LIBRARY = ("config.py", "rundir.py", "inference.py", "parallel", "fractals", "data", "models", "train", "export")
+LIBRARY = ("config.py", "files.py", "rundir.py", "inference.py", "parallel", "fractals", "data", "models", "train",
+           "export")
 
 
 def shown_commands() -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ stored (Flax keeps no counter); PyTorch's BatchNorm fills it in when loading a p
 """
 
 import dataclasses
+import functools
 import json
 import re
 from collections.abc import Mapping
@@ -32,6 +33,7 @@ import numpy as np
 from flax import traverse_util
 
 from onepfrac_jax.export.timm import write_safetensors
+from onepfrac_jax.files import write_file
 from onepfrac_jax.models.agent import Agent, SharedAgent, many_head_dense_kernel, materialize_shared_agent
 
 _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
@@ -105,5 +107,5 @@ def export_agent(
         import torch
     except ImportError:
         return path
-    torch.save({k: torch.tensor(v) for k, v in state.items()}, path.with_suffix(".pth"))
+    write_file(path.with_suffix(".pth"), functools.partial(torch.save, {k: torch.tensor(v) for k, v in state.items()}))
     return path

@@ -30,15 +30,16 @@ from flax import traverse_util
 
 from onepfrac_jax.config import first_few
 from onepfrac_jax.data.augment import resample_matrix
+from onepfrac_jax.files import write_file
 from onepfrac_jax.models.vit import ViT, init_head
 
 log = logging.getLogger(__name__)
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: dict[str, str]) -> None:
-    """A .safetensors file with the mode every other file of a run gets (the umask's): safetensors' own save_file
-    creates it 0600, which teammates on a shared filesystem cannot read."""
-    Path(path).write_bytes(safetensors.numpy.save(dict(tensors), metadata=metadata))
+    """A .safetensors file, whole or not at all, with the mode every other file of a run gets (the umask's):
+    safetensors' own save_file creates it 0600, which teammates on a shared filesystem cannot read."""
+    write_file(Path(path), safetensors.numpy.save(dict(tensors), metadata=metadata))
 
 
 @functools.cache
@@ -227,7 +228,8 @@ def export_vit(
     overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write model.safetensors + config.json (the Hub layout), model.pth (a plain state dict) and timm.json;
-    return their paths by kind. `interpolation` and `crop_pct` (the eval resize) go to config.json when given."""
+    return their paths by kind. `interpolation` and `crop_pct` (the eval resize) go to config.json when given.
+    Each file is written whole or not at all; a run writes the folder as a whole (files.write_folder)."""
     config = timm_config(model, mean, std)
     hub = hub_config(model, mean, std, interpolation=interpolation, crop_pct=crop_pct)
     state_dict = flax_to_timm_state_dict(params, model)
@@ -240,15 +242,16 @@ def export_vit(
     out.mkdir(parents=True, exist_ok=True)
 
     write_safetensors(paths["safetensors"], state_dict, {"format": "pt"})
-    paths["config"].write_text(json.dumps(hub, indent=2) + "\n")
+    write_file(paths["config"], json.dumps(hub, indent=2) + "\n")
     try:
         import torch
     except ImportError:
         say_no_torch()
         del paths["pth"]
     else:
-        torch.save({k: torch.tensor(v) for k, v in state_dict.items()}, paths["pth"])  # copies: v may be read-only
-    paths["json"].write_text(json.dumps(config, indent=2) + "\n")
+        tensors = {k: torch.tensor(v) for k, v in state_dict.items()}  # copies: v may be read-only
+        write_file(paths["pth"], functools.partial(torch.save, tensors))
+    write_file(paths["json"], json.dumps(config, indent=2) + "\n")
     return paths
 
 

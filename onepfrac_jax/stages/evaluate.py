@@ -8,6 +8,7 @@ WORKDIR/result.json, confusion.png (rows: true class, normalised to recall) and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from absl import logging
 from onepfrac_jax.config import require, require_choice, require_int, require_path, require_representable
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.sources import Source, make_source, validate_section, verify_source
+from onepfrac_jax.files import write_errors, write_file
 from onepfrac_jax.inference import MODELS, Classifier, load_classifier, weights_classifier
 from onepfrac_jax.parallel.mesh import Mesh, data_sharding, make_data_mesh, to_host
 from onepfrac_jax.rundir import Result, RunDir, read_run_config
@@ -140,7 +142,7 @@ def write_confusion(confusion: np.ndarray, out: Path, title: str) -> dict[str, P
     paths = {"confusion_png": out / "confusion.png", "confusion_csv": out / "confusion.csv"}
     header = "true\\predicted," + ",".join(map(str, range(classes)))
     rows = [f"{c}," + ",".join(map(str, row)) for c, row in enumerate(confusion)]
-    paths["confusion_csv"].write_text("\n".join([header, *rows]) + "\n")
+    write_file(paths["confusion_csv"], "\n".join([header, *rows]) + "\n")
     recall = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     side = min(12.0, 3.0 + classes * 0.35)
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
@@ -157,7 +159,7 @@ def write_confusion(confusion: np.ndarray, out: Path, title: str) -> dict[str, P
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.046, label="fraction of the true class")
     fig.tight_layout()
-    fig.savefig(paths["confusion_png"], dpi=100)
+    write_file(paths["confusion_png"], functools.partial(fig.savefig, format="png", dpi=100))
     plt.close(fig)
     return paths
 
@@ -186,9 +188,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         files = {}
         if jax.process_index() == 0:
             title = f"{config.init_from} (step {classifier.step}) on {_describe(data)}: top-1 {scores['top1']:.2f}%"
-            files = {name: str(p) for name, p in write_confusion(confusion, out.path, title).items()}
             print(f"top-1 {scores['top1']:.2f}%, top-{scores['top_k']} {scores['top5']:.2f}% on {total} images "
                   f"of {_describe(data)}")
+            with write_errors("the scores are printed above; the evaluated run is untouched"):
+                files = {name: str(p) for name, p in write_confusion(confusion, out.path, title).items()}
         result = Scored(stage="evaluate", step=classifier.step, total_steps=0, stopped=False, history=[],
                         files=files, state=classifier, scores=scores)
         result.write(out.path)

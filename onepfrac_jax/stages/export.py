@@ -7,7 +7,7 @@ It reads the checkpoint read-only onto host arrays (train/checkpoint.read_checkp
 saving topology, no lock), so a run still training is neither blocked nor changed, and calls the very export
 function the run's own end calls (inference.EXPORTERS: `export_checkpoint` of classify or pair). A run that kept an
 EMA of its weights (ema_decay > 0) also gets export/ema/, the same files for the average at that step, as its own
-end writes.
+end writes. The folder appears complete or not at all (files.write_folder): a full disk leaves no truncated weights.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from onepfrac_jax.config import ConfigError, require, require_int, require_path, require_representable
+from onepfrac_jax.files import write_errors, write_folder
 from onepfrac_jax.inference import EXPORTERS
 from onepfrac_jax.parallel.mesh import Mesh
 from onepfrac_jax.rundir import Result, RunDir, read_run_config, without_model
@@ -53,15 +54,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
             f"a folder holding it): choose a workdir outside it")
     with RunDir.open(config, workdir, resumable=False) as out:
         step, variables, data = read_checkpoint(source, None if config.step == -1 else config.step)
-        out.begin()  # an overwrite clears the earlier export here
+        out.begin()  # an overwrite replaces the earlier export here
         files = {}
         if jax.process_index() == 0:
-            exported = EXPORTERS[saved.stage](saved, variables, out.path / "export")
-            files = {name: str(path) for name, path in exported.items()}
-            if saved.get("ema_decay", 0.0) > 0:  # the same step's average, as the run's end writes it
-                averaged = read_checkpoint(source, step, ema=True)[1]
-                exported = EXPORTERS[saved.stage](saved, averaged, out.path / "export" / "ema")
-                files.update({f"ema_{name}": str(path) for name, path in exported.items()})
+
+            def fill(folder: Path) -> dict[str, Path]:
+                exported = EXPORTERS[saved.stage](saved, variables, folder)
+                if saved.get("ema_decay", 0.0) > 0:  # the same step's average, as the run's end writes it
+                    averaged = read_checkpoint(source, step, ema=True)[1]
+                    exported.update({f"ema_{name}": path for name, path in
+                                     EXPORTERS[saved.stage](saved, averaged, folder / "ema").items()})
+                return exported
+
+            with write_errors(f"no export was written; the run {source} is untouched"):
+                files = {name: str(path) for name, path in write_folder(out.path / "export", fill).items()}
         logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path / "export")
         # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
         result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),

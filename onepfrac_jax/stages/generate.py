@@ -18,6 +18,7 @@ from absl import logging
 from PIL import Image
 
 from onepfrac_jax.config import host_memory_bytes, require_choice, require_representable
+from onepfrac_jax.files import write_errors, write_file
 from onepfrac_jax.fractals import fdsl
 from onepfrac_jax.fractals.bank import BankSpec, bank_bytes, build_bank, require_fits
 from onepfrac_jax.fractals.fdsl import FdslSpec
@@ -36,19 +37,26 @@ def preview(images: np.ndarray, tile: int = PREVIEW_TILE) -> Image.Image:
 
 def write_image_folder(root: Path, count: int, file_of: Callable[[int], tuple[str, np.ndarray]]) -> None:
     """Grayscale PNGs root/<file_of(i)[0]> = file_of(i)[1] for i < count, written by a thread pool (PNG encoding
-    frees the GIL)."""
+    frees the GIL), each whole or absent (files.write_file). They are synced once at the end, not one by one: an
+    fsync costs ~3 ms, an hour for FractalDB's million files. The first failure (a full disk) stops the pool and is
+    raised, once."""
     start = time.perf_counter()
 
     def write(i: int) -> None:
         name, image = file_of(i)
         (root / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image, mode="L").save(root / name, compress_level=1)
+        png = functools.partial(Image.fromarray(image, mode="L").save, format="PNG", compress_level=1)
+        write_file(root / name, png, durable=False)
 
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+    pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1)
+    try:
         for done, _ in enumerate(pool.map(write, range(count)), start=1):
             if done % 250 == 0 or done == count:
                 rate = done / (time.perf_counter() - start)
                 logging.info("wrote %d/%d PNGs (%.0f images/s)", done, count, rate)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after a failure the queued images are not each tried, and fail, too
+    os.sync()
 
 
 def fdsl_file(spec: FdslSpec, images: np.ndarray, i: int) -> tuple[str, np.ndarray]:
@@ -85,23 +93,27 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         images = to_host(bank.images)  # on every process: a collective
         logging.info("%s bank of %d classes at %d² rendered in %.1f s", config.dataset, spec.num_classes,
                      spec.image_size, time.perf_counter() - start)
-        run_dir.begin()  # an overwrite clears the old set here, so no class folder of it survives
+        run_dir.begin()  # an overwrite replaces the old set here, so no class folder of it survives
         path = run_dir.path
         files = {"images": str(path / "images"), "preview": str(path / "preview.png"),
                  "params": str(path / "params.json")}
+        incomplete = (f"the set in {path} is incomplete (each file in it whole): make room, then run again with "
+                      f"--config.overwrite=True")
         if jax.process_index() == 0:
-            if fractal:
-                write_image_folder(path / "images", spec.num_classes,
-                                   lambda label: (f"{label:05d}/00000.png", images[label]))
-                preview(images[: spec.num_classes]).save(path / "preview.png")  # rows past L: padding
-                logging.info("σ=%.4f, %d classes re-drawn for fill ≤ %.2f, mean fill %.3f", bank.sigma,
-                             int((bank.redraws > 0).sum()), spec.fill_threshold, float(bank.fill.mean()))
-            else:
-                write_image_folder(path / "images", spec.num_classes * spec.instances_per_class,
-                                   functools.partial(fdsl_file, spec, images))
-                preview(images[bank.eval_rows()]).save(path / "preview.png")
-                logging.info("category search: %d classes from %d candidates", spec.num_classes, bank.tried)
-            (path / "params.json").write_text(json.dumps(bank.to_json(), indent=1))
+            with write_errors(incomplete):
+                if fractal:
+                    write_image_folder(path / "images", spec.num_classes,
+                                       lambda label: (f"{label:05d}/00000.png", images[label]))
+                    grid = preview(images[: spec.num_classes])  # rows past L: padding
+                    logging.info("σ=%.4f, %d classes re-drawn for fill ≤ %.2f, mean fill %.3f", bank.sigma,
+                                 int((bank.redraws > 0).sum()), spec.fill_threshold, float(bank.fill.mean()))
+                else:
+                    write_image_folder(path / "images", spec.num_classes * spec.instances_per_class,
+                                       functools.partial(fdsl_file, spec, images))
+                    grid = preview(images[bank.eval_rows()])
+                    logging.info("category search: %d classes from %d candidates", spec.num_classes, bank.tried)
+                write_file(path / "preview.png", functools.partial(grid.save, format="PNG"))
+                write_file(path / "params.json", json.dumps(bank.to_json(), indent=1))
         result = Result(stage="generate", step=0, total_steps=0, stopped=False, history=[], files=files, state=bank)
         result.write(path)
         return result

@@ -29,6 +29,7 @@ from PIL import Image
 
 from onepfrac_jax.config import ConfigError, require_choice
 from onepfrac_jax.data.augment import AugmentConfig, augment_batch, augment_config, eval_transform
+from onepfrac_jax.files import write_file
 from onepfrac_jax.fractals import fdsl, render
 from onepfrac_jax.fractals.bank import BankSpec, build_bank, render_options
 from onepfrac_jax.fractals.grid import image_grid
@@ -180,7 +181,7 @@ def make_task(config: ml_collections.ConfigDict, spec: BankSpec, model: ViT, aug
         if workdir is not None and not (workdir / BATCH_PNG).exists():
             picture = batch_picture(first_batch(make_batch, config.seed, resident), augment)
             if jax.process_index() == 0:
-                picture.save(workdir / BATCH_PNG)
+                write_file(workdir / BATCH_PNG, functools.partial(picture.save, format="PNG"))
         return itertools.repeat(None)
 
     return loop.Task(

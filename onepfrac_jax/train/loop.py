@@ -44,6 +44,7 @@ from onepfrac_jax.config import (
     require_int,
     require_representable,
 )
+from onepfrac_jax.files import write_errors, write_folder
 from onepfrac_jax.models import DTYPES
 from onepfrac_jax.parallel.mesh import Mesh, make_data_mesh, replicated
 from onepfrac_jax.rundir import Result, RunDir
@@ -579,10 +580,17 @@ class Run:
 
         files = {}
         if not stopped and task.export is not None and main_process:
-            files = {name: str(file) for name, file in task.export(state, path / "export").items()}
-            if ema:  # export/ema/ holds the same files for the averaged weights
-                files.update({f"ema_{name}": str(file)
-                              for name, file in task.export(ema_view(state), path / "export" / "ema").items()})
+
+            def fill(folder: Path) -> dict[str, Path]:
+                exported = task.export(state, folder)
+                if ema:  # export/ema/ holds the same files for the averaged weights
+                    exported.update({f"ema_{name}": file
+                                     for name, file in task.export(ema_view(state), folder / "ema").items()})
+                return exported
+
+            with write_errors("no export was written; the checkpoints are intact: the same command, run again "
+                              "once there is room, resumes at the last step and exports"):
+                files = {name: str(file) for name, file in write_folder(path / "export", fill).items()}
         result = Result(stage=config.stage, step=done, total_steps=total, stopped=stopped, history=history,
                         files=files, state=state)
         result.write(path)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import math
 import time
 from pathlib import Path
 
 from absl import logging
+
+from onepfrac_jax.files import write_file
 
 
 def _format_duration(seconds: float) -> str:
@@ -52,8 +56,13 @@ class MetricWriter:
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        self.csv.writerow({"step": step, **{k: _fmt(v) for k, v in values.items()}})
-        self.csv_file.flush()
+        if self.csv is not None:
+            try:
+                self.csv.writerow({"step": step, **{k: _fmt(v) for k, v in values.items()}})
+                self.csv_file.flush()
+            except OSError as e:  # a full disk costs the rows, not the run (whose next checkpoint fails, exit 4)
+                logging.warning("%s has no rows from step %d on: %s", self.csv_path, step, e.strerror)
+                self._close_csv()
         for name, value in values.items():
             if value is not None and math.isfinite(value):
                 self.tensorboard.add_scalar(name, value, step)
@@ -69,15 +78,22 @@ class MetricWriter:
         shown = " ".join(f"{k} {_fmt(v)}" for k, v in values.items())
         logging.info("step %d/%d %s ETA %s", step, self.total_steps, shown, eta)
 
+    def _close_csv(self) -> None:
+        with contextlib.suppress(OSError):  # what its buffer still holds is lost on a full disk; the file is closed
+            self.csv_file.close()
+        self.csv = None
+
     def close(self) -> None:
         if not self.enabled:
             return
-        self.csv_file.close()
+        self._close_csv()
         self.tensorboard.close()
         try:
             plot_curves(self.csv_path, self.plot_path)
-        except (OSError, ValueError, KeyError) as e:  # a missing or damaged metrics.csv costs the picture only
-            logging.warning("no %s: %s could not be read (%s)", self.plot_path.name, self.csv_path, e)
+        except (OSError, ValueError, KeyError) as e:  # a missing or damaged metrics.csv, or a full disk: no picture
+            written = getattr(e, "filename", None) == str(self.plot_path)
+            logging.warning("no %s: %s", self.plot_path.name, e.strerror if written else
+                            f"{self.csv_path} could not be read ({e})")
 
 
 def _fmt(value: float | None) -> str:
@@ -110,5 +126,5 @@ def plot_curves(csv_path: Path, out: Path) -> None:
             ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    write_file(out, functools.partial(fig.savefig, format="png", dpi=100))
     plt.close(fig)
