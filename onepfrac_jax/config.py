@@ -34,6 +34,7 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what it left and how to go on (the training loop's checkpoint, the run directory's state): one
     `error:` line, exit code 130. A KeyboardInterrupt, so that no `except Exception` on the way out holds it."""
 
+
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)

@@ -8,6 +8,9 @@ settings and files the stage tests train on.
 from __future__ import annotations
 
 import csv
+import fcntl
+import inspect
+import json
 import os
 import shutil
 import socket
@@ -26,12 +29,15 @@ from PIL import Image
 
 jax.config.update("jax_num_cpu_devices", 4)
 
-# One persistent compilation cache for the session, shared by this process and every process a test starts (they
-# inherit the environment), removed when the session ends: the suite compiles the same small programs again and
-# again, in fresh processes too, and on CPUs they take well under JAX's default thresholds, lowered here to cache
-# all. tests/test_compile_cache.py checks that a program read from the cache computes bitwise what a fresh compile
-# does.
-COMPILE_CACHE = {"JAX_COMPILATION_CACHE_DIR": tempfile.mkdtemp(prefix="onepfrac-test-jit-cache-"),
+# One persistent compilation cache for the session, shared by this process, the other pytest-xdist workers and every
+# process a test starts (they inherit the environment), removed when the session ends: the suite compiles the same
+# small programs again and again, in fresh processes too, and on CPUs they take well under JAX's default thresholds,
+# lowered here to cache all. tests/test_compile_cache.py checks that a program read from the cache computes bitwise
+# what a fresh compile does. The session directory also holds the locks of `timed` tests (pytest_runtest_protocol).
+_SESSION_VAR = "ONEPFRAC_TEST_SESSION"  # set by the process that started the session; its xdist workers inherit it
+_OWNS_SESSION = _SESSION_VAR not in os.environ
+SESSION_DIR = Path(os.environ.setdefault(_SESSION_VAR, tempfile.mkdtemp(prefix="onepfrac-test-session-")))
+COMPILE_CACHE = {"JAX_COMPILATION_CACHE_DIR": str(SESSION_DIR / "jit-cache"),
                  "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
 os.environ.update(COMPILE_CACHE)
 # this process imported jax before the lines above: its settings are set directly
@@ -41,7 +47,83 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
 def pytest_unconfigure(config) -> None:
-    shutil.rmtree(COMPILE_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+    if _OWNS_SESSION:
+        shutil.rmtree(SESSION_DIR, ignore_errors=True)
+        os.environ.pop(_SESSION_VAR, None)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a `timed` test (one that asserts a wall-time bound) runs alone: it takes the session's
+    lock exclusively, every other test shares it. Waiting writers go first (the `intent` lock), so a timed test is
+    not starved by the other workers' stream of tests. Set-up and teardown, session fixtures included, run inside."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield
+        return
+    exclusive = item.get_closest_marker("timed") is not None
+    with open(SESSION_DIR / "intent.lock", "a") as intent, open(SESSION_DIR / "run.lock", "a") as run:
+        fcntl.flock(intent, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        fcntl.flock(run, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        if not exclusive:
+            fcntl.flock(intent, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(run, fcntl.LOCK_UN)
+            fcntl.flock(intent, fcntl.LOCK_UN)
+
+
+TESTS = Path(__file__).resolve().parent
+_GROUPS = SESSION_DIR / "xdist-groups.json"
+
+
+def _shared_fixture(item: pytest.Item) -> str | None:
+    """The first module- or session-scoped fixture of this suite that the test uses: work done once per process."""
+    for name in sorted(item.fixturenames):
+        defs = item._fixtureinfo.name2fixturedefs.get(name)
+        if defs and defs[-1].scope != "function" and Path(inspect.getfile(defs[-1].func)).parent == TESTS:
+            return name
+    return None
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (pyproject's addopts: `-n 2`) the slow tests are handed out first, so that the last ones
+    left are short and both workers end together; and each worker writes which tests share a run of a module or
+    session fixture, for pytest_xdist_make_scheduler to send them to one worker."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    items.sort(key=lambda item: 0 if item.get_closest_marker("multiprocess") else
+               1 if item.get_closest_marker("slow") else 2)
+    groups = {item.nodeid: shared for item in items if (shared := _shared_fixture(item)) is not None}
+    part = _GROUPS.with_name(f"{_GROUPS.name}.{os.getpid()}")  # the workers write the same: each renames its own
+    part.write_text(json.dumps(groups))
+    part.replace(_GROUPS)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's `load` scheduling, except that the tests sharing a module or session fixture are one unit of work.
+
+    (xdist's own `--dist loadgroup` groups by renaming node ids, which pytest 9.2 no longer reads: pytest-xdist
+    issue #1386.) The controller collects nothing; it reads the groups its workers wrote once they have collected.
+    """
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedRuns(LoadScopeScheduling):
+        def __init__(self, config, log=None):
+            super().__init__(config, log)
+            self.groups: dict[str, str] = {}
+
+        def schedule(self) -> None:
+            if self.collection is None and _GROUPS.exists():
+                self.groups = json.loads(_GROUPS.read_text())
+            super().schedule()
+
+        def _split_scope(self, nodeid: str) -> str:
+            return self.groups.get(nodeid, nodeid)
+
+    return SharedRuns(config, log)
 
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -256,6 +256,7 @@ def test_a_state_made_non_finite_by_a_finite_loss_is_never_saved(tmp_path):
 # ---------------------------------------------------------------------------------------------- 9. fail first
 
 
+@pytest.mark.timed
 @pytest.mark.parametrize(("case", "message"), [
     ("a file", "exists and is not a directory"),
     ("not a run", "is not empty and holds no run of this project"),

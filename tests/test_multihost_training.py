@@ -22,9 +22,7 @@ from PIL import Image
 
 from onepfrac_jax.train.checkpoint import load_variables
 
-# The learning rate is constant (no warm-up, cosine from lr to min_lr = lr), so the schedule does not depend on
-# total_steps: a run to 4 steps continued to 6 must then equal a run to 6 bit for bit.
-PRETRAIN = {**TINY_PRETRAIN, "optim.warmup_steps": 0, "optim.min_lr": 1e-3}
+PRETRAIN = {**TINY_PRETRAIN, "total_steps": 6}
 FINETUNE = {"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3,
             **TINY_MODEL, "data.image_size": 20, "augment.auto_augment": "", "augment.mixup_alpha": 0.0,
             "augment.cutmix_alpha": 0.0, "augment.re_prob": 0.0}
@@ -70,11 +68,11 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
-    """Three pre-train runs started together: 1 x 4 and 2 x 2 to 4 steps, and 2 x 2 to 6 steps."""
+    """Two pre-train runs to 6 steps started together, 1 x 4 and 2 x 2, with checkpoints at steps 2, 4 and 6."""
     root = tmp_path_factory.mktemp("pretrain")
-    runs = {"1x4": (1, 4, 4), "2x2": (2, 2, 4), "2x2_to_6": (2, 2, 6)}
-    started = {name: start(n, d, main_argv("configs/pretrain.py:demo", root / name, {**PRETRAIN, "total_steps": t}),
-                           root / f"logs_{name}") for name, (n, d, t) in runs.items()}
+    runs = {"1x4": (1, 4), "2x2": (2, 2)}
+    started = {name: start(n, d, main_argv("configs/pretrain.py:demo", root / name, PRETRAIN), root / f"logs_{name}")
+               for name, (n, d) in runs.items()}
     for run in started.values():
         finish(run)
     return {name: root / name for name in runs}
@@ -82,12 +80,12 @@ def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
 
 def test_pretrain_on_2_processes_matches_1_process_of_4_devices(pretrain_runs):
     one, two = pretrain_runs["1x4"], pretrain_runs["2x2"]
-    assert len(losses(one)) == 4
+    assert len(losses(one)) == 6
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     assert_same_params(one, two, atol=1e-5)
     # Only process 0 writes the run directory's files, and both runs hold the same ones.
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4]
+    assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4, 6]
 
 
 def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(tmp_path):
@@ -111,16 +109,20 @@ def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(tmp_path):
 # ------------------------------------------------------------------------------------------------ resume ----
 
 def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_runs, tmp_path):
-    workdir = tmp_path / "run"
-    shutil.copytree(pretrain_runs["2x2"], workdir)  # 2 x 2, stopped at step 4 with checkpoints at 2 and 4
-    argv = main_argv("configs/pretrain.py:demo", workdir, {**PRETRAIN, "total_steps": 6, "resume": True})
+    """The 2 x 2 run cut back to its checkpoint at step 4 (as if stopped there) and resumed to 6 in a new 2 x 2 run
+    ends bit for bit where the uninterrupted run ended."""
+    workdir, whole = tmp_path / "run", pretrain_runs["2x2"]
+    shutil.copytree(whole, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    (workdir / "result.json").unlink()
+    argv = main_argv("configs/pretrain.py:demo", workdir, {**PRETRAIN, "resume": True})
     stderr = finish(start(2, 2, argv, tmp_path / "logs"))
     for text in stderr:
         assert re.search(r"resumed from \S+ at step 4", text), text[-2000:]
     # Bitwise: same devices, same per-step keys, the same compiled step; the restored state is the saved one.
-    assert_same_params(workdir, pretrain_runs["2x2_to_6"], atol=None)
+    assert_same_params(workdir, whole, atol=None)
     assert [int(r["step"]) for r in csv_rows(workdir / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
-    assert losses(workdir) == losses(pretrain_runs["2x2_to_6"])
+    assert losses(workdir) == losses(whole)
 
 
 # ----------------------------------------------------------------------------------------------- SIGTERM ----
