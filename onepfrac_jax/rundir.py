@@ -262,9 +262,10 @@ class RunDir:
         old, new = _comparable(saved), _comparable(json.loads(to_json(config)))
         if old != new and not config.get("resume"):
             keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            # a config without `resume` (the demo) is continued only with the config it started with
+            how = "pass --config.resume=True to continue it with this config, or " if "resume" in config else "pass "
             raise ConfigError(f"workdir {path} holds a run with a different config (differs in: {', '.join(keys)}); "
-                              f"pass --config.resume=True to continue it with this config, or "
-                              f"--config.overwrite=True to start afresh")
+                              f"{how}--config.overwrite=True to start afresh")
         return True
 
     def _lock(self) -> None:

@@ -131,6 +131,7 @@ TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp
 TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
                  "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
 TINY_PRETRAIN_RUN = {**TINY_PRETRAIN, "keep_checkpoints": 5}  # tiny_pretrain_run's overrides of the demo
+TWO_PROCESS_PRETRAIN = {**TINY_PRETRAIN, "total_steps": 6}  # pretrain_runs' overrides of the demo
 BOOTSTRAP_DIM, BOOTSTRAP_DEPTH = 48, 2  # tiny_bootstrap_config's ViT and agent
 # Every snippet a LocalRun starts begins by joining the run its environment describes.
 PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
@@ -198,6 +199,22 @@ def tiny_pretrain_run(tmp_path_factory) -> Path:
     config = apply_overrides(pretrain_configs.get_config("demo"), TINY_PRETRAIN_RUN)
     pretrain.run(config, str(workdir), make_data_mesh(jax.devices()[:1]))
     return workdir
+
+
+@pytest.fixture(scope="session")
+def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
+    """configs/pretrain.py:demo with TWO_PROCESS_PRETRAIN (checkpoints at steps 2, 4 and 6), started together as
+    1 process of 4 devices ('1x4') and 2 processes of 2 devices ('2x2'), both through LocalRun."""
+    root = tmp_path_factory.mktemp("pretrain_runs")
+    runs = {}
+    for name, (n, devices) in {"1x4": (1, 4), "2x2": (2, 2)}.items():
+        (root / f"logs_{name}").mkdir()
+        runs[name] = LocalRun(n, devices, main_argv("configs/pretrain.py:demo", root / name, TWO_PROCESS_PRETRAIN),
+                              root / f"logs_{name}")
+    for name, run in runs.items():
+        for i, result in enumerate(run.wait(300)):
+            assert result.returncode == 0, f"{name}, process {i} exited with {result.returncode}:\n{run.tail(i)}"
+    return {name: root / name for name in runs}
 
 
 @pytest.fixture(scope="session", params=["joint", "shared"])

@@ -1,8 +1,9 @@
 """The export stage: any kept checkpoint of a run → WORKDIR/export/, what the run writes to its export/, while it
 trains, from any topology; the folder loads in one line with timm's `local-dir:`.
 
-One reference pre-train (a subprocess, as main.py runs it) serves every test but the 2-process one; the test that
-exports while a run trains starts a twin of it and compares the two at the end.
+One reference pre-train (a subprocess, as main.py runs it) serves every test but the 2-process one, which exports
+conftest's 2-process `pretrain_runs`; the test that exports while a run trains starts a twin of the reference and
+compares the two at the end.
 """
 
 import json
@@ -19,7 +20,7 @@ import pytest
 import safetensors.numpy
 import timm
 import torch
-from conftest import ROOT, TINY_PRETRAIN, LocalRun, assert_one_error, clean_env, csv_rows, main_argv
+from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, csv_rows, main_argv
 from onepfrac_jax.configs import bootstrap as bootstrap_configs
 from onepfrac_jax.configs import export as export_configs
 from safetensors import safe_open
@@ -261,19 +262,15 @@ def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(tmp_path)
 # ----------------------------------------------------------------------------------------- 2 processes x 2
 
 @pytest.mark.multiprocess
-def test_a_checkpoint_of_2_processes_of_2_devices_exports_on_1_process(tmp_path):
-    (tmp_path / "logs").mkdir()
-    source = tmp_path / "run"
-    run = LocalRun(2, 2, main_argv("configs/pretrain.py:demo", source, TINY_PRETRAIN), tmp_path / "logs")
-    for i, result in enumerate(run.wait(TIMEOUT)):
-        assert result.returncode == 0, run.tail(i)
+def test_a_checkpoint_of_2_processes_of_2_devices_exports_on_1_process(pretrain_runs, tmp_path):
+    source = pretrain_runs["2x2"]
     # one process of one CPU device each (main.py's default), the two exports at once
     results = run_all([main_argv("configs/export.py", tmp_path / f"out_{step}", {"run": source, "step": step})
-                       for step in (2, 4)])
+                       for step in (2, 6)])
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
         assert "process 0 of 1: 1 local devices" in result.stderr
-    assert same_bytes(tmp_path / "out_4" / "export", source / "export", EXPORT_FILES)  # its process 0's, at the end
+    assert same_bytes(tmp_path / "out_6" / "export", source / "export", EXPORT_FILES)  # its process 0's, at the end
     x = np.random.default_rng(1).normal(size=(2, 16, 16, 3)).astype(np.float32)
     params = load_variables(source, 2)["params"]
     ours = classify.build_vit(read_run_config(source), 8).apply({"params": params}, jnp.asarray(x))

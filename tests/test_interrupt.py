@@ -14,8 +14,9 @@ from pathlib import Path
 import ml_collections
 import pytest
 from conftest import ROOT, assert_one_error, clean_env, main_argv
+from onepfrac_jax.configs import demo as demo_configs
 
-from onepfrac_jax.config import Interrupted
+from onepfrac_jax.config import ConfigError, Interrupted, to_json
 from onepfrac_jax.rundir import LOCK_NAME, RunDir
 
 CONFIG = ml_collections.ConfigDict({"stage": "generate", "overwrite": False})
@@ -78,3 +79,13 @@ def test_ctrl_c_in_the_demo_checkpoints_its_pretrain_and_the_same_command_goes_o
     assert re.search(rf"resumed from \S+ at step {step}\b", second.stderr), second.stderr[-3000:]
     assert "== generate" not in second.stderr and (workdir / "generate" / "result.json").exists()
     assert_one_error(second, 130, "again")
+
+
+def test_a_stopped_demo_with_another_seed_names_only_overwrite(tmp_path):
+    """The demo's config has no `resume` key: the refusal offers what it has."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(to_json(demo_configs.get_config()))
+    config = demo_configs.get_config()
+    config.seed = 1
+    with pytest.raises(ConfigError, match=r"differs in: seed\); pass --config.overwrite=True to start afresh$"):
+        RunDir.open(config, tmp_path / "run")

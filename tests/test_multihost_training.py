@@ -17,12 +17,20 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, TINY_PRETRAIN, LocalRun, assert_one_error, csv_rows, main_argv, make_image_folder
+from conftest import (
+    TINY_MODEL,
+    TINY_PRETRAIN,
+    TWO_PROCESS_PRETRAIN,
+    LocalRun,
+    assert_one_error,
+    csv_rows,
+    main_argv,
+    make_image_folder,
+)
 from PIL import Image
 
 from onepfrac_jax.train.checkpoint import load_variables
 
-PRETRAIN = {**TINY_PRETRAIN, "total_steps": 6}
 FINETUNE = {"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3,
             **TINY_MODEL, "data.image_size": 20, "augment.auto_augment": "", "augment.mixup_alpha": 0.0,
             "augment.cutmix_alpha": 0.0, "augment.re_prob": 0.0}
@@ -66,18 +74,6 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 # ------------------------------------------------------------------------------------- 2 x 2 against 1 x 4 ----
 
-@pytest.fixture(scope="module")
-def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
-    """Two pre-train runs to 6 steps started together, 1 x 4 and 2 x 2, with checkpoints at steps 2, 4 and 6."""
-    root = tmp_path_factory.mktemp("pretrain")
-    runs = {"1x4": (1, 4), "2x2": (2, 2)}
-    started = {name: start(n, d, main_argv("configs/pretrain.py:demo", root / name, PRETRAIN), root / f"logs_{name}")
-               for name, (n, d) in runs.items()}
-    for run in started.values():
-        finish(run)
-    return {name: root / name for name in runs}
-
-
 def test_pretrain_on_2_processes_matches_1_process_of_4_devices(pretrain_runs):
     one, two = pretrain_runs["1x4"], pretrain_runs["2x2"]
     assert len(losses(one)) == 6
@@ -115,7 +111,7 @@ def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_
     shutil.copytree(whole, workdir)
     shutil.rmtree(workdir / "checkpoints" / "6")
     (workdir / "result.json").unlink()
-    argv = main_argv("configs/pretrain.py:demo", workdir, {**PRETRAIN, "resume": True})
+    argv = main_argv("configs/pretrain.py:demo", workdir, {**TWO_PROCESS_PRETRAIN, "resume": True})
     stderr = finish(start(2, 2, argv, tmp_path / "logs"))
     for text in stderr:
         assert re.search(r"resumed from \S+ at step 4", text), text[-2000:]
