@@ -9,7 +9,8 @@ Every run is one `python -m onepfrac_jax.main` process, one at a time, in OUT/GR
 arm shares across seeds in OUT/GRID/ARM/pretrain). A run whose result.json exists is not run again; a run that
 was interrupted resumes from its last checkpoint (the same command re-run finds its config.json); a run that
 fails stops the grid with the path of its log. When every run is done the grid writes OUT/GRID/results.md (mean ±
-std over seeds of the final and the max top-1 of every model, each seed's final, the budget and the command),
+std over seeds of the final and the max top-1 of every model, each seed's final, what each arm ran — data, sizes,
+steps, read from its runs' config.json and result.json — and the command),
 OUT/GRID/results.png (a bar per arm and model, one dot per seed) and OUT/GRID/curves.png (every model's held-out
 top-1 over training, one line per arm).
 """
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from onepfrac_jax.files import write_file
+from onepfrac_jax.rundir import read_run_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +48,6 @@ class Arm:
 @dataclasses.dataclass(frozen=True)
 class Grid:
     description: str
-    budget: str
     arms: tuple[Arm, ...]
 
 
@@ -72,7 +73,6 @@ GRIDS = {
                     "no hint: the agent trains beside it, untouched), with a separate agent (joint), with an agent "
                     "built from its own attention weights (shared). The demo variants divide the paper's hint weight "
                     "by 10 (joint 1, shared 0.5); the 'paper hint' arms restore it (joint 10, shared 5).",
-        budget="configs/bootstrap.py:digits_demo_* at 24 epochs (the demos' 16 + 8) of 1,437 digits at 32², batch 64",
         arms=(Arm("ViT alone", "configs/bootstrap.py:digits_demo_alone", _BOOT, (_BOOT_EPOCHS,)),
               Arm("joint", "configs/bootstrap.py:digits_demo_joint", _BOOT, (_BOOT_EPOCHS,)),
               Arm("shared", "configs/bootstrap.py:digits_demo_shared", _BOOT, (_BOOT_EPOCHS,)),
@@ -87,8 +87,6 @@ GRIDS = {
                     "(the paper's collapse: 1.2% on CIFAR-100), with the demo's augmentation (whole image, flips, "
                     "jitter; 300 steps) or with the paper's random crops and mixup/cutmix (a 64² bank, 2,400 steps). "
                     "One pre-train per arm, one fine-tune per seed.",
-        budget="configs/pretrain.py:demo (300 steps of 64; crops+mixup: 2,400) then configs/finetune.py:digits_demo "
-               "(12 epochs)",
         arms=(Arm("scratch", _FINETUNE, _FT),
               *(Arm(f"1p-frac Δ={delta}", _FINETUNE, _FT, pretrain=(_PRETRAIN, f"--config.delta={delta}"))
                 for delta in (0.1, 0.001)),
@@ -101,7 +99,6 @@ GRIDS = {
                     "OFDB (64 independent fractals, one image each) and FractalDB (64 searched systems, their "
                     "instances by the per-instance weighting, flips), against scratch. An observation at CPU scale, "
                     "not the paper's claim (ViT-Ti on CIFAR-100: 1p-frac 84.2, OFDB 84.0, FractalDB-1M 81.6).",
-        budget="configs/pretrain.py:demo (300 steps of 64) then configs/finetune.py:digits_demo (12 epochs)",
         arms=(Arm("scratch", _FINETUNE, _FT),
               *(Arm(label, _FINETUNE, _FT, pretrain=(_PRETRAIN, f"--config.dataset={dataset}"))
                 for label, dataset in (("1p-frac", "1p-frac"), ("OFDB", "ofdb"), ("FractalDB", "fractaldb")))),
@@ -159,9 +156,30 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
             "models": {label: {"final": [r[f"{key}_final"] for r in results],
                                "max": [r[f"{key}_max"] for r in results]} for label, key in arm.metrics},
             "steps": results[0]["total_steps"],
+            "ran": " — then ".join([*([f"pre-train {describe_run(base / 'pretrain')}"] if pre is not None else []),
+                                   describe_run(base / "seed0")]),
         }
     write_results(name, grid, table, root, seeds, arms, extra, pretrain_extra)
     return table
+
+
+def describe_run(run_dir: Path) -> str:
+    """What a finished run trained, from its own config.json and result.json (so a `--set` shows): 'digits at 32²;
+    270 steps of 64 (12 epochs)', '1p-frac Δ=0.1, 64 classes rendered at 64², rrc crops to 32², mixup 0.8 / cutmix
+    1; 2,400 steps of 64'."""
+    c = read_run_config(run_dir)
+    steps = json.loads((run_dir / "result.json").read_text())["total_steps"]
+    budget = f"{steps:,} steps of {c.batch_size}" + (f" ({c.num_epochs:g} epochs)" if c.total_steps == -1 else "")
+    if c.stage != "pretrain":
+        fraction = c.data.get("fraction", 1.0)
+        part = f" ({fraction:g} of its training split)" if fraction < 1 else ""
+        return f"{c.data.name}{part} at {c.image_size}²; {budget}"
+    delta = f" Δ={c.delta:g}" if c.dataset == "1p-frac" else ""
+    mix = (f", mixup {c.augment.mixup_alpha:g} / cutmix {c.augment.cutmix_alpha:g}"
+           if c.augment.mixup_alpha or c.augment.cutmix_alpha else "")
+    seen = "resized" if c.augment.crop == "resize" else f"{c.augment.crop} crops"
+    return (f"{c.dataset}{delta}, {c.num_classes} classes rendered at {c.render_size}², {seen} to {c.image_size}²"
+            f"{mix}; {budget}")
 
 
 def _mean_std(values: list[float]) -> str:
@@ -177,7 +195,8 @@ def write_results(name: str, grid: Grid, table: dict, root: Path, seeds: int, ar
         command += ["--arms", ",".join(arms)]
     command += [f"--set={o.removeprefix('--config.')}" for o in extra]
     command += [f"--pretrain_set={o.removeprefix('--config.')}" for o in pretrain_extra]
-    lines = [f"# {name}", "", grid.description, "", f"Budget: {grid.budget}. Seeds: {seeds}.", "",
+    lines = [f"# {name}", "", grid.description, "", f"Seeds: {seeds}. What ran (each arm's runs' own config.json; "
+             f"its seeds differ only in the seed):", "", *(f"- {arm}: {row['ran']}" for arm, row in table.items()), "",
              f"Command: `{shlex.join(command)}`", "",
              "| arm | model | steps | final top-1 (mean ± std) | max top-1 (mean ± std) | final per seed | "
              "pre-train |", "|---|---|---:|---:|---:|---|---|"]

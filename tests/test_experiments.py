@@ -17,7 +17,6 @@ _FINETUNE = {"image_size": 16, "data.image_size": 16, "batch_size": 16, "total_s
              "checkpoint_every_steps": 2, **TINY_MODEL}
 TINY = experiments.Grid(
     description="a tiny fdsl grid",
-    budget="4 steps",
     arms=(experiments.Arm("pre", "configs/finetune.py:digits_demo", (("ViT", "val_top1"),),
                           overrides=tuple(f"--config.{k}={v}" for k, v in _FINETUNE.items()),
                           pretrain=("configs/pretrain.py:demo",
@@ -35,6 +34,9 @@ def test_a_grid_runs_each_run_once_resumes_and_tabulates_its_runs(tmp_path, monk
     row = next(line for line in (root / "results.md").read_text().splitlines() if line.startswith("| pre |"))
     mean, std = np.mean(finals), np.std(finals, ddof=1)
     assert f"| {mean:.1f} ± {std:.1f} |" in row and " ".join(f"{v:.1f}" for v in finals) in row
+    # what ran, from the runs' own configs: the grid's overrides (4 steps of 16), not its configs' defaults
+    assert ("- pre: pre-train 1p-frac Δ=0.1, 8 classes rendered at 32², resized to 16²; 4 steps of 8 — then "
+            "digits at 16²; 4 steps of 16\n") in (root / "results.md").read_text()
     # both fine-tunes started from the one pre-train
     for s in range(2):
         config = json.loads((root / "pre" / f"seed{s}" / "config.json").read_text())
