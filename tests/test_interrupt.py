@@ -89,3 +89,15 @@ def test_a_stopped_demo_with_another_seed_names_only_overwrite(tmp_path):
     config.seed = 1
     with pytest.raises(ConfigError, match=r"differs in: seed\); pass --config.overwrite=True to start afresh$"):
         RunDir.open(config, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_command_starts_is_one_line(tmp_path):
+    """Sent while Python still imports JAX (or parses the flags): one line, exit 130, no workdir."""
+    proc = subprocess.Popen([sys.executable, *main_argv("configs/generate.py:demo", tmp_path / "run")], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert_one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), 130, "interrupted")
+    assert not (tmp_path / "run").exists()
