@@ -51,6 +51,11 @@ def require_int(name: str, value: object, low: int, high: int = INT32_MAX, why: 
     require(ok, f"{name}={value!r} must be an integer in [{low:,}, {high:,}]{why}")
 
 
+def require_seed(name: str, value: object) -> None:
+    """A seed that JAX's keys hold whole: an integer in [0, SEED_MAX]."""
+    require_int(name, value, 0, SEED_MAX, " (JAX keys hold 32 bits of it)")
+
+
 def _numbers(node: object, name: str) -> Iterator[tuple[str, object]]:
     """(dotted name, value) of every number in a config, tuples and lists included."""
     if isinstance(node, ml_collections.ConfigDict | dict):

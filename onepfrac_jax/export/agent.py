@@ -21,7 +21,6 @@ stored (Flax keeps no counter); PyTorch's BatchNorm fills it in when loading a p
 """
 
 import dataclasses
-import functools
 import json
 import re
 from collections.abc import Mapping
@@ -32,8 +31,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from onepfrac_jax.export.timm import write_safetensors
-from onepfrac_jax.files import write_file
+from onepfrac_jax.export.timm import write_pth, write_safetensors
 from onepfrac_jax.models.agent import Agent, SharedAgent, many_head_dense_kernel, materialize_shared_agent
 
 _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
@@ -103,9 +101,5 @@ def export_agent(
     config["dtype"] = np.dtype(config["dtype"]).name
     path.parent.mkdir(parents=True, exist_ok=True)
     write_safetensors(path, state, {"format": "pt", "agent_config": json.dumps(config)})
-    try:
-        import torch
-    except ImportError:
-        return path
-    write_file(path.with_suffix(".pth"), functools.partial(torch.save, {k: torch.tensor(v) for k, v in state.items()}))
+    write_pth(path.with_suffix(".pth"), state)
     return path

@@ -42,6 +42,17 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: d
     write_file(Path(path), safetensors.numpy.save(dict(tensors), metadata=metadata))
 
 
+def write_pth(path: Path, tensors: Mapping[str, np.ndarray]) -> bool:
+    """A plain PyTorch state dict (`torch.save` of copies: the arrays may be read-only), whole or not at all; False,
+    nothing written, where PyTorch is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    write_file(Path(path), functools.partial(torch.save, {k: torch.tensor(v) for k, v in tensors.items()}))
+    return True
+
+
 @functools.cache
 def say_no_torch() -> None:
     """Once a process: exports hold no model.pth without PyTorch."""
@@ -243,14 +254,9 @@ def export_vit(
 
     write_safetensors(paths["safetensors"], state_dict, {"format": "pt"})
     write_file(paths["config"], json.dumps(hub, indent=2) + "\n")
-    try:
-        import torch
-    except ImportError:
+    if not write_pth(paths["pth"], state_dict):
         say_no_torch()
         del paths["pth"]
-    else:
-        tensors = {k: torch.tensor(v) for k, v in state_dict.items()}  # copies: v may be read-only
-        write_file(paths["pth"], functools.partial(torch.save, tensors))
     write_file(paths["json"], json.dumps(config, indent=2) + "\n")
     return paths
 

@@ -12,6 +12,7 @@ end writes. The folder appears complete or not at all (files.write_folder): a fu
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import jax
@@ -19,11 +20,11 @@ import ml_collections
 from absl import logging
 
 from onepfrac_jax.config import ConfigError, require, require_int, require_path, require_representable
-from onepfrac_jax.files import write_errors, write_folder
 from onepfrac_jax.inference import EXPORTERS
 from onepfrac_jax.parallel.mesh import Mesh
 from onepfrac_jax.rundir import Result, RunDir, read_run_config, without_model
 from onepfrac_jax.train.checkpoint import read_checkpoint
+from onepfrac_jax.train.loop import write_export
 
 
 def _nested(a: Path, b: Path) -> bool:
@@ -57,17 +58,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
         out.begin()  # an overwrite replaces the earlier export here
         files = {}
         if jax.process_index() == 0:
-
-            def fill(folder: Path) -> dict[str, Path]:
-                exported = EXPORTERS[saved.stage](saved, variables, folder)
-                if saved.get("ema_decay", 0.0) > 0:  # the same step's average, as the run's end writes it
-                    averaged = read_checkpoint(source, step, ema=True)[1]
-                    exported.update({f"ema_{name}": path for name, path in
-                                     EXPORTERS[saved.stage](saved, averaged, folder / "ema").items()})
-                return exported
-
-            with write_errors(f"no export was written; the run {source} is untouched"):
-                files = {name: str(path) for name, path in write_folder(out.path / "export", fill).items()}
+            exporter = functools.partial(EXPORTERS[saved.stage], saved)
+            averaged = None  # the same step's average, as the run's end writes it
+            if saved.get("ema_decay", 0.0) > 0:
+                averaged = functools.partial(exporter, read_checkpoint(source, step, ema=True)[1])
+            files = write_export(out.path / "export", functools.partial(exporter, variables), averaged,
+                                 f"no export was written; the run {source} is untouched")
         logging.info("exported the %s run %s at step %d to %s", saved.stage, source, step, out.path / "export")
         # step: the exported checkpoint's; history: the run's evaluations up to it, as saved beside it
         result = Result(stage="export", step=step, total_steps=0, stopped=False, history=list(data.get("history", [])),

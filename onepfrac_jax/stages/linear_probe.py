@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from onepfrac_jax.config import SEED_MAX, require, require_int, require_representable
+from onepfrac_jax.config import require, require_int, require_representable, require_seed
 from onepfrac_jax.data import pipeline
 from onepfrac_jax.data.sources import Source
 from onepfrac_jax.inference import Classifier
@@ -106,7 +106,7 @@ def validate(config: ml_collections.ConfigDict, devices: int | None = None) -> N
     require(p.epochs > 0, f"probe.epochs={p.epochs} must be > 0")
     require(p.batch_size > 0, f"probe.batch_size={p.batch_size} must be > 0")
     require(p.log_every_epochs > 0, f"probe.log_every_epochs={p.log_every_epochs} must be > 0")
-    require_int("seed", config.seed, 0, SEED_MAX, " (JAX keys hold 32 bits of it)")
+    require_seed("seed", config.seed)
     for name in ("epochs", "batch_size", "log_every_epochs"):
         require_int(f"probe.{name}", p[name], 1)
     optim.validate(config.optim)

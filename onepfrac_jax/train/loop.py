@@ -18,6 +18,7 @@ its size (and past protobuf's 2 GB limit), and every device holds a second copy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import signal
@@ -37,12 +38,12 @@ from flax import struct
 
 from onepfrac_jax.config import (
     INT32_MAX,
-    SEED_MAX,
     Interrupted,
     require,
     require_choice,
     require_int,
     require_representable,
+    require_seed,
 )
 from onepfrac_jax.files import write_errors, write_folder
 from onepfrac_jax.models import DTYPES
@@ -149,7 +150,7 @@ def default_train_config(config: ml_collections.ConfigDict) -> None:
 
 def validate_train_fields(config: ml_collections.ConfigDict) -> None:
     """The loop's fields, without devices: each training stage's validate() checks them before anything starts."""
-    require_int("seed", config.seed, 0, SEED_MAX, " (JAX keys hold 32 bits of it)")
+    require_seed("seed", config.seed)
     require(config.batch_size > 0, f"batch_size={config.batch_size} must be > 0")
     accum = config.get("accum_steps", 1)
     require(isinstance(accum, int) and accum >= 1, f"accum_steps={accum!r} must be an integer ≥ 1")
@@ -410,6 +411,22 @@ class _Stop:
         signal.signal(signal.SIGINT, signal.SIG_DFL if leaving else self.previous_interrupt)
 
 
+def write_export(out: Path, export: Callable[[Path], dict], export_ema: Callable[[Path], dict] | None,
+                 intact: str) -> dict[str, str]:
+    """`out` (a run's or the export stage's export/) written whole or not at all (files.write_folder): `export`'s
+    files, and `export_ema`'s in out/ema/ for the averaged weights (named ema_<name>); an OSError is one RunError
+    line ending in `intact`. Returns {name: path}."""
+
+    def fill(folder: Path) -> dict[str, Path]:
+        exported = export(folder)
+        if export_ema is not None:
+            exported.update({f"ema_{name}": file for name, file in export_ema(folder / "ema").items()})
+        return exported
+
+    with write_errors(intact):
+        return {name: str(file) for name, file in write_folder(out, fill).items()}
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = None) -> Run:
     """The loop's checks, the locked run directory and the mesh: the first thing a training stage does."""
     mesh = make_data_mesh() if mesh is None else mesh
@@ -580,17 +597,10 @@ class Run:
 
         files = {}
         if not stopped and task.export is not None and main_process:
-
-            def fill(folder: Path) -> dict[str, Path]:
-                exported = task.export(state, folder)
-                if ema:  # export/ema/ holds the same files for the averaged weights
-                    exported.update({f"ema_{name}": file
-                                     for name, file in task.export(ema_view(state), folder / "ema").items()})
-                return exported
-
-            with write_errors("no export was written; the checkpoints are intact: the same command, run again "
-                              "once there is room, resumes at the last step and exports"):
-                files = {name: str(file) for name, file in write_folder(path / "export", fill).items()}
+            files = write_export(path / "export", functools.partial(task.export, state),
+                                 functools.partial(task.export, ema_view(state)) if ema else None,
+                                 "no export was written; the checkpoints are intact: the same command, run again "
+                                 "once there is room, resumes at the last step and exports")
         result = Result(stage=config.stage, step=done, total_steps=total, stopped=stopped, history=history,
                         files=files, state=state)
         result.write(path)
