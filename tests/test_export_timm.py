@@ -2,10 +2,12 @@
 loading in real timm), import errors."""
 
 import argparse
+import collections
 import json
 import os
 import re
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -14,12 +16,12 @@ import safetensors.torch
 import timm
 import torch
 
+from onepfrac_jax.export.pth import write_pth
 from onepfrac_jax.export.timm import (
     export_vit,
     flax_to_timm_state_dict,
     hub_config,
     load_timm_weights,
-    say_no_torch,
     timm_config,
 )
 from onepfrac_jax.models import ViT, create_vit
@@ -160,16 +162,55 @@ def test_export_dir_loads_in_one_line_with_timm_local_dir(tmp_path, model):
     assert all(torch.equal(sd[k], sd3[k]) for k in sd if not k.startswith("head."))
 
 
-def test_export_without_torch_writes_safetensors_and_json_and_says_so_once(tmp_path, monkeypatch, free_timm, caplog):
+def test_export_without_torch_writes_a_model_pth_that_torch_loads(tmp_path, monkeypatch, free_timm):
     params = load_timm_weights(_numpy_sd(free_timm), FREE)
-    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-    say_no_torch.cache_clear()  # a process says it once: this test's process may have said it already
-    for out in (tmp_path / "a", tmp_path / "b"):
-        paths = export_vit(params, FREE, out, MEAN, STD)
-        assert set(paths) == {"safetensors", "config", "json"}
-        assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "timm.json"]
-    said = [r.getMessage() for r in caplog.records if "torch is not installed" in r.getMessage()]
-    assert len(said) == 1 and "no model.pth" in said[0] and "pip install torch" in said[0]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+        paths = export_vit(params, FREE, tmp_path, MEAN, STD)
+    assert sorted(p.name for p in paths.values()) == ["config.json", "model.pth", "model.safetensors", "timm.json"]
+    sd = torch.load(paths["pth"], weights_only=True)
+    free_timm.load_state_dict(sd, strict=True)  # the same keys
+    assert all(torch.equal(sd[k], v) for k, v in free_timm.state_dict().items())
+
+
+# every dtype a .pth may hold here, 0-d and empty tensors, and arrays that are not contiguous or not little-endian
+_PTH_CASES = {
+    "matrix": np.arange(6, dtype=np.float32).reshape(2, 3), "scalar": np.array(3.5, np.float32),
+    "empty": np.zeros((3, 0, 2), np.float32), "count": np.array(7, np.int64), "mask": np.array([True, False]),
+    "half": np.linspace(-1, 1, 5, dtype=np.float16), "double": np.array([1e300]), "int": np.arange(3, dtype=np.int32),
+    "short": np.arange(3, dtype=np.int16), "char": np.arange(-2, 2, dtype=np.int8),
+    "byte": np.arange(4, dtype=np.uint8), "fortran": np.asfortranarray(np.arange(12, dtype=np.float32).reshape(3, 4)),
+    "big_endian": np.arange(4, dtype=">f4"),
+    "large": np.random.default_rng(0).normal(size=(70, 1000)).astype(np.float32),
+}
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_pth_written_without_torch_is_what_torch_save_writes(tmp_path, mmap):
+    """Same tensors (dtype, shape, torch's contiguous strides, values) and storage bytes as torch.save, each storage
+    64-byte aligned in the file as torch aligns them, loaded whole or memory-mapped."""
+    write_pth(tmp_path / "ours.pth", _PTH_CASES)
+    native = {k: torch.tensor(v.astype(v.dtype.newbyteorder("="))).contiguous() for k, v in _PTH_CASES.items()}
+    torch.save(native, tmp_path / "torch.pth")
+    ours = torch.load(tmp_path / "ours.pth", weights_only=True, mmap=mmap)
+    assert type(ours) is collections.OrderedDict and list(ours) == list(_PTH_CASES)
+    for k, v in native.items():
+        assert ours[k].dtype == v.dtype and ours[k].shape == v.shape and torch.equal(ours[k], v), k
+        assert ours[k].stride() == torch.empty(v.shape).stride(), k
+    with zipfile.ZipFile(tmp_path / "ours.pth") as a, zipfile.ZipFile(tmp_path / "torch.pth") as b:
+        assert all(a.read(f"ours/data/{i}") == b.read(f"torch/data/{i}") for i in range(len(native)))
+        assert {i.compress_type for i in a.infolist()} == {zipfile.ZIP_STORED}
+        raw = (tmp_path / "ours.pth").read_bytes()
+        for info in a.infolist():  # the data follow the local header (30 bytes, name, extra field)
+            extra = int.from_bytes(raw[info.header_offset + 28:][:2], "little")
+            start = info.header_offset + 30 + len(info.filename) + extra
+            assert "/data/" not in info.filename or start % 64 == 0, info.filename
+
+
+def test_a_pth_of_an_unsupported_dtype_is_refused_naming_the_tensor(tmp_path):
+    with pytest.raises(ValueError, match=r"^blocks.0.w: a .pth of complex64 tensors is not supported"):
+        write_pth(tmp_path / "x.pth", {"ok": np.zeros(2, np.float32), "blocks.0.w": np.zeros(2, np.complex64)})
+    assert not (tmp_path / "x.pth").exists()
 
 
 def test_the_weights_file_follows_the_umask_as_every_other_exported_file(tmp_path, free_timm):

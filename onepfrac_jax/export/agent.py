@@ -1,4 +1,4 @@
-"""Agent CNN (plain or shared) → PyTorch state dict, saved as safetensors (and a .pth when torch is present).
+"""Agent CNN (plain or shared) → PyTorch state dict, saved as safetensors and as a .pth.
 
 Key scheme (Linen path with `/` → `.` and `blocks_i` → `blocks.i`; every tensor float32):
 
@@ -31,7 +31,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from onepfrac_jax.export.timm import write_pth, write_safetensors
+from onepfrac_jax.export.pth import write_pth
+from onepfrac_jax.export.timm import write_safetensors
 from onepfrac_jax.models.agent import Agent, SharedAgent, many_head_dense_kernel, materialize_shared_agent
 
 _STAT_NAMES = {"mean": "running_mean", "var": "running_var"}
@@ -86,7 +87,7 @@ def export_agent(
     vit_params: Mapping[str, Any] | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write `agent.safetensors` (plus `agent.pth` if torch is importable) to out_dir; return its path.
+    """Write `agent.safetensors` and `agent.pth` to out_dir; return its path.
 
     The safetensors metadata holds, as JSON under "agent_config", the fields of the exported plain `Agent`
     (for a shared agent: the standalone many-head CNN it was materialised into).

@@ -11,7 +11,6 @@ antialiasing (up or down); another patch size is an error. `export_vit` writes t
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from flax import traverse_util
 
 from onepfrac_jax.config import first_few
 from onepfrac_jax.data.augment import resample_matrix
+from onepfrac_jax.export.pth import write_pth
 from onepfrac_jax.files import write_file
 from onepfrac_jax.models.vit import ViT, init_head
 
@@ -41,23 +41,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray], metadata: d
     safetensors' own save_file creates it 0600, which teammates on a shared filesystem cannot read."""
     write_file(Path(path), safetensors.numpy.save(dict(tensors), metadata=metadata))
 
-
-def write_pth(path: Path, tensors: Mapping[str, np.ndarray]) -> bool:
-    """A plain PyTorch state dict (`torch.save` of copies: the arrays may be read-only), whole or not at all; False,
-    nothing written, where PyTorch is not installed."""
-    try:
-        import torch
-    except ImportError:
-        return False
-    write_file(Path(path), functools.partial(torch.save, {k: torch.tensor(v) for k, v in tensors.items()}))
-    return True
-
-
-@functools.cache
-def say_no_torch() -> None:
-    """Once a process: exports hold no model.pth without PyTorch."""
-    log.warning("torch is not installed: exports hold model.safetensors, config.json and timm.json but no model.pth "
-                "(pip install torch adds it; requirements-test.txt installs torch and timm)")
 
 # timm architectures with exactly the same block structure as `ViT`, keyed by (patch, dim, depth, heads, mlp).
 _TIMM_ARCHS = {
@@ -254,9 +237,7 @@ def export_vit(
 
     write_safetensors(paths["safetensors"], state_dict, {"format": "pt"})
     write_file(paths["config"], json.dumps(hub, indent=2) + "\n")
-    if not write_pth(paths["pth"], state_dict):
-        say_no_torch()
-        del paths["pth"]
+    write_pth(paths["pth"], state_dict)
     write_file(paths["json"], json.dumps(config, indent=2) + "\n")
     return paths
 

@@ -6,6 +6,7 @@ import contextlib
 import csv
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +18,20 @@ from onepfrac_jax.files import write_file
 def _format_duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported without the PyTorch it would load when installed (about 1.5 s of a
+    process's start): it imports torch only to accept torch tensors, and this writer gives it floats."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+    else:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects without torch
+        try:
+            from tensorboardX import SummaryWriter
+        finally:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 class MetricWriter:
@@ -37,9 +52,7 @@ class MetricWriter:
         self.csv = csv.DictWriter(self.csv_file, fieldnames=self.columns, extrasaction="ignore")
         if not append:
             self.csv.writeheader()
-        from tensorboardX import SummaryWriter
-
-        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+        self.tensorboard = _summary_writer()(str(workdir / "tensorboard"))
 
     def truncate_after(self, step: int) -> None:
         """Drops rows past `step` (written after the checkpoint a resumed run starts from)."""
