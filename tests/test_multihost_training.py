@@ -123,17 +123,17 @@ def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_
 
 # ----------------------------------------------------------------------------------------------- SIGTERM ----
 
-# Long enough that it is still running when the signal comes; checkpoints every 50 steps.
-ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 50, "log_every_steps": 10}
+# Long enough that it is still running when the signal comes; checkpoints every 10 steps.
+ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 10, "log_every_steps": 5}
 
 
 def endless(workdir: Path, log_dir: Path) -> LocalRun:
-    """2 x 2 processes pre-training ENDLESS in `workdir`, returned once the checkpoint at step 50 is written."""
+    """2 x 2 processes pre-training ENDLESS in `workdir`, returned once the checkpoint at step 10 is written."""
     run = start(2, 2, main_argv("configs/pretrain.py:demo", workdir, ENDLESS), log_dir)
     deadline = time.monotonic() + TIMEOUT
-    while not (workdir / "checkpoints" / "50").exists():
+    while not (workdir / "checkpoints" / "10").exists():
         assert all(p.poll() is None for p in run.procs), run.tail(0) + run.tail(1)
-        assert time.monotonic() < deadline, "no checkpoint at step 50"
+        assert time.monotonic() < deadline, "no checkpoint at step 10"
         time.sleep(0.05)
     return run
 
@@ -155,7 +155,7 @@ def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path)
     said = [re.search(r"SIGTERM: saved a checkpoint at step (\d+)", text) for text in stderr]
     assert all(said), stderr[0][-2000:] + stderr[1][-2000:]
     step = int(said[0].group(1))
-    assert int(said[1].group(1)) == step and 50 <= step < 100_000
+    assert int(said[1].group(1)) == step and 10 <= step < 100_000
     assert checkpoint_steps(workdir)[-1] == step
     assert not (workdir / "export").exists()  # a stopped run does not export
     assert int(csv_rows(workdir / "metrics.csv")[-1]["step"]) <= step
@@ -173,7 +173,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_one_step(tmp_path):
     line = assert_one_error(second, 130, "run the same command again to resume")
     step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+) of", line).group(1))
     said = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", first.stderr)
-    assert said and int(said.group(1)) == step and 50 <= step < 100_000, run.tail(0)
+    assert said and int(said.group(1)) == step and 10 <= step < 100_000, run.tail(0)
     assert checkpoint_steps(workdir)[-1] == step
 
 

@@ -104,16 +104,16 @@ def cli(workdir: Path, overrides: dict) -> list[str]:
     return [sys.executable, *main_argv("configs/pretrain.py:demo", workdir, overrides)]
 
 
-# long enough (120 steps, 4 checkpoints) that a signal sent at the first checkpoint lands mid-run
-SLOW = {**TINY_PRETRAIN, "total_steps": 120, "checkpoint_every_steps": 30, "log_every_steps": 10}
+# long enough (40 steps, 4 checkpoints) that a signal sent at the first checkpoint lands mid-run
+SLOW = {**TINY_PRETRAIN, "total_steps": 40, "checkpoint_every_steps": 10, "log_every_steps": 5}
 
 
 def started(workdir: Path, overrides: dict) -> subprocess.Popen:
-    """main.py pre-training in `workdir` (stderr piped), returned once its first checkpoint (step 30) is written."""
+    """main.py pre-training in `workdir` (stderr piped), returned once its checkpoint at step 10 is written."""
     proc = subprocess.Popen(cli(workdir, overrides), cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (workdir / "checkpoints" / "30").exists() and proc.poll() is None and time.time() < deadline:
+    while not (workdir / "checkpoints" / "10").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     return proc
 
@@ -128,7 +128,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     proc = started(tmp_path / "b", SLOW)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    assert not (tmp_path / "b" / "checkpoints" / "120").exists(), "the run finished before it could be killed"
+    assert not (tmp_path / "b" / "checkpoints" / "40").exists(), "the run finished before it could be killed"
     resumed = run_cli("configs/pretrain.py:demo", tmp_path / "b", SLOW, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
@@ -136,7 +136,7 @@ def test_exact_resume_after_sigkill(tmp_path):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
     steps = [int(r["step"]) for r in csv_rows(tmp_path / "b" / "metrics.csv")]
-    assert steps == sorted(set(steps)) and steps[-1] == 120  # no duplicated rows after the resume
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no duplicated rows after the resume
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -147,7 +147,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     said = re.search(r"SIGTERM: saved a checkpoint at step (\d+)", stderr)
     assert said, stderr[-2000:]
     steps = checkpoint_steps(tmp_path / "run")
-    assert steps[-1] == int(said.group(1)) and 30 <= steps[-1] < 100000
+    assert steps[-1] == int(said.group(1)) and 10 <= steps[-1] < 100000
 
 
 def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(tmp_path):
@@ -158,15 +158,15 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(tmp_pa
     _, stderr = proc.communicate(timeout=120)
     line = assert_one_error(subprocess.CompletedProcess(proc.args, proc.returncode, "", stderr), 130,
                             f"saved in {workdir / 'checkpoints'}; run the same command again to resume")
-    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+) of 120", line).group(1))
-    assert 30 <= step < 120 and checkpoint_steps(workdir)[-1] == step
+    step = int(re.search(r"interrupted \(Ctrl-C\) at step (\d+) of 40", line).group(1))
+    assert 10 <= step < 40 and checkpoint_steps(workdir)[-1] == step
     assert json.loads((workdir / "result.json").read_text())["stopped"] is True
     assert not (workdir / "export").exists() and not (workdir / ".lock").exists()
     resumed = run_cli("configs/pretrain.py:demo", workdir, SLOW, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert re.search(rf"resumed from \S+ at step {step}\b", resumed.stderr), resumed.stderr[-2000:]
     result = json.loads((workdir / "result.json").read_text())
-    assert result["stopped"] is False and result["step"] == 120 and (workdir / "export" / "model.safetensors").exists()
+    assert result["stopped"] is False and result["step"] == 40 and (workdir / "export" / "model.safetensors").exists()
 
 
 def test_a_second_ctrl_c_exits_at_once_and_the_checkpoints_stay_usable(tmp_path):
@@ -179,10 +179,10 @@ def test_a_second_ctrl_c_exits_at_once_and_the_checkpoints_stay_usable(tmp_path)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode in (-signal.SIGINT, 130) and "Traceback" not in stderr, stderr[-2000:]
-    assert checkpoint_steps(workdir)[-1] < 120, "the run finished before it was interrupted"
+    assert checkpoint_steps(workdir)[-1] < 40, "the run finished before it was interrupted"
     resumed = run_cli("configs/pretrain.py:demo", workdir, {**SLOW, "checkpoint_every_steps": 1}, timeout=600)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-2000:]
-    assert json.loads((workdir / "result.json").read_text())["step"] == 120
+    assert json.loads((workdir / "result.json").read_text())["step"] == 40
 
 
 def finetune_config(data_dir: Path, **overrides):
