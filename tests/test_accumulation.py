@@ -49,7 +49,7 @@ def test_accumulated_steps_train_as_one_big_step(tmp_path):
         for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(state.params), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
     # the updates are not trivially small: the params moved far more than the tolerance
-    initial = vit_task().init_variables(loop.stream_key(0, loop._INIT_STREAM))["params"]
+    initial = jax.jit(vit_task().init_variables)(loop.stream_key(0, loop._INIT_STREAM))["params"]
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(initial),
                                                                jax.tree.leaves(one.state.params), strict=True))
     assert moved > 1e-3

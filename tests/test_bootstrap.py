@@ -64,7 +64,6 @@ GRADIENTS = {"joint": ("step", "loss_vit", "loss_cnn", "kd_vit", "kd_cnn", "hint
              "shared": ("ce_vit", "ce_cnn", "kd_cnn", "hint")}
 
 
-@functools.cache
 def _step(mode):
     """One jitted program: every loss term's gradient w.r.t. all params, the loss, the metrics, the new extra."""
     task, _, _ = _task(tiny_config(mode))
@@ -85,6 +84,18 @@ def _step(mode):
     loss, metrics, new_extra, grads = jax.jit(everything)(params)
     return SimpleNamespace(task=task, params=params, extra=extra, loss=loss, metrics=metrics, new_extra=new_extra,
                            grads=grads)
+
+
+# Module fixtures, so that conftest's scheduler sends the tests of one mode to one worker: each program is compiled
+# once (a process-wide cache would compile it again on the other worker).
+@pytest.fixture(scope="module")
+def joint_step():
+    return _step("joint")
+
+
+@pytest.fixture(scope="module")
+def shared_step():
+    return _step("shared")
 
 
 def _sum(grads, *names):
@@ -172,8 +183,8 @@ def test_hint_decay_steps_once_per_epoch_and_reaches_zero():
     np.testing.assert_allclose(got, [1, 1, 0.75, 0.5, 0.25, 0, 0])
 
 
-def test_joint_losses_give_no_gradient_to_the_other_model():
-    grads = _step("joint").grads
+def test_joint_losses_give_no_gradient_to_the_other_model(joint_step):
+    grads = joint_step.grads
     assert _is_zero(grads["loss_vit"]["agent"]) and _norm(grads["loss_vit"]["vit"]) > 0
     assert _is_zero(grads["loss_cnn"]["vit"]) and _norm(grads["loss_cnn"]["agent"]) > 0
     # KD(vit ← cnn) and the hint reach only the ViT, KD(cnn ← vit) only the agent.
@@ -185,15 +196,15 @@ def test_joint_losses_give_no_gradient_to_the_other_model():
                  grads["step"], {"vit": grads["loss_vit"]["vit"], "agent": grads["loss_cnn"]["agent"]})
 
 
-def test_joint_mode_labels_each_model_for_its_own_optimizer_state():
-    step = _step("joint")
+def test_joint_mode_labels_each_model_for_its_own_optimizer_state(joint_step):
+    step = joint_step
     labels = step.task.optimizer_labels(step.params)
     assert set(jax.tree.leaves(labels["vit"])) == {"vit"} and set(jax.tree.leaves(labels["agent"])) == {"agent"}
     assert _task(tiny_config("shared"))[0].optimizer_labels is None  # one tree, one optimizer
 
 
-def test_joint_loss_is_the_sum_of_both_models_weighted_terms_and_updates_batch_stats():
-    step = _step("joint")
+def test_joint_loss_is_the_sum_of_both_models_weighted_terms_and_updates_batch_stats(joint_step):
+    step = joint_step
     metrics, w = step.metrics, pair.loss_weights(tiny_config("joint"))
     np.testing.assert_allclose(step.loss, metrics["loss_vit"] + metrics["loss_cnn"], rtol=1e-6)
     np.testing.assert_allclose(metrics["loss_vit"], metrics["ce_vit"] + metrics["kd_vit"] + 0.75 * w.hint
@@ -203,8 +214,8 @@ def test_joint_loss_is_the_sum_of_both_models_weighted_terms_and_updates_batch_s
     assert not np.allclose(jax.tree.leaves(step.new_extra)[0], jax.tree.leaves(step.extra)[0])
 
 
-def test_shared_agent_losses_train_the_vits_value_and_output_projections():
-    step = _step("shared")
+def test_shared_agent_losses_train_the_vits_value_and_output_projections(shared_step):
+    step = shared_step
     metrics, grads = step.metrics, step.grads
     agent_side = _sum(grads, "ce_cnn", "kd_cnn")
     assert _norm(agent_side["agent"]) > 0

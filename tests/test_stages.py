@@ -43,50 +43,43 @@ def pretrain_config(**overrides):
     return c
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("pretrain") / "run"
-    pretrain.run(pretrain_config(), str(workdir), make_data_mesh(jax.devices()[:1]))
-    return workdir
-
-
-def test_pretrain_gives_the_same_losses_on_1_and_4_devices(pretrained, tmp_path):
+def test_pretrain_gives_the_same_losses_on_1_and_4_devices(tiny_pretrain_run, tmp_path):
     pretrain.run(pretrain_config(), str(tmp_path / "four"), make_data_mesh(jax.devices()[:4]))
-    one = [float(r["loss"]) for r in csv_rows(pretrained / "metrics.csv")]
+    one = [float(r["loss"]) for r in csv_rows(tiny_pretrain_run / "metrics.csv")]
     four = [float(r["loss"]) for r in csv_rows(tmp_path / "four" / "metrics.csv")]
     assert len(one) == 4
     np.testing.assert_allclose(four, one, rtol=1e-5)
-    a, b = load_variables(pretrained), load_variables(tmp_path / "four")
+    a, b = load_variables(tiny_pretrain_run), load_variables(tmp_path / "four")
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
 
-def test_run_directory_holds_what_it_promises(pretrained):
-    names = {p.name for p in pretrained.iterdir()}
+def test_run_directory_holds_what_it_promises(tiny_pretrain_run):
+    names = {p.name for p in tiny_pretrain_run.iterdir()}
     assert {"config.json", "checkpoints", "tensorboard", "metrics.csv", "curves.png", "export"} <= names
-    header = (pretrained / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (tiny_pretrain_run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert header[:4] == ["step", "loss", "lr", "images_per_s"]
-    assert sorted(p.name for p in (pretrained / "export").iterdir()) == ["config.json", "model.pth",
+    assert sorted(p.name for p in (tiny_pretrain_run / "export").iterdir()) == ["config.json", "model.pth",
                                                                           "model.safetensors", "timm.json"]
-    meta = json.loads((pretrained / "export" / "timm.json").read_text())
+    meta = json.loads((tiny_pretrain_run / "export" / "timm.json").read_text())
     assert meta["kwargs"]["img_size"] == 16 and meta["kwargs"]["num_classes"] == 8
     assert meta["mean"] == [0.5, 0.5, 0.5]
 
 
-def test_the_export_loads_in_timm_and_agrees(pretrained):
+def test_the_export_loads_in_timm_and_agrees(tiny_pretrain_run):
     timm = pytest.importorskip("timm", reason="timm is installed by requirements-test.txt")
     torch = pytest.importorskip("torch")
     from safetensors.torch import load_file
 
-    meta = json.loads((pretrained / "export" / "timm.json").read_text())
+    meta = json.loads((tiny_pretrain_run / "export" / "timm.json").read_text())
     model = timm.create_model(meta["model_name"], pretrained=False, **meta["kwargs"]).eval()
-    model.load_state_dict(load_file(pretrained / "export" / "model.safetensors"), strict=True)
+    model.load_state_dict(load_file(tiny_pretrain_run / "export" / "model.safetensors"), strict=True)
     x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
     with torch.no_grad():
         theirs = model(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     config = pretrain_config()
     vit = classify.build_vit(config, 8)
-    ours = vit.apply({"params": load_variables(pretrained)["params"]}, jnp.asarray(x))
+    ours = vit.apply({"params": load_variables(tiny_pretrain_run)["params"]}, jnp.asarray(x))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
@@ -195,10 +188,10 @@ def finetune_config(data_dir: Path, **overrides):
     return c
 
 
-def test_finetune_from_a_pretrain_run_on_an_image_folder(pretrained, tmp_path):
+def test_finetune_from_a_pretrain_run_on_an_image_folder(tiny_pretrain_run, tmp_path):
     make_image_folder(tmp_path / "data")
     workdir = tmp_path / "ft"
-    finetune.run(finetune_config(tmp_path / "data", init_from=str(pretrained)), str(workdir),
+    finetune.run(finetune_config(tmp_path / "data", init_from=str(tiny_pretrain_run)), str(workdir),
                  make_data_mesh(jax.devices()[:2]))
     rows = csv_rows(workdir / "metrics.csv")
     assert [r["step"] for r in rows if r["val_top1"]] == ["3", "6"]  # one epoch = 3 steps of 8 from 24 images
@@ -216,7 +209,7 @@ def test_finetune_from_a_pretrain_run_on_an_image_folder(pretrained, tmp_path):
     np.testing.assert_allclose(predict(images), expected, atol=1e-5)
 
 
-def test_finetune_bad_input(pretrained, tmp_path):
+def test_finetune_bad_input(tiny_pretrain_run, tmp_path):
     make_image_folder(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"does not exist"):
         finetune.run(finetune_config(tmp_path / "missing"), str(tmp_path / "a"))
@@ -225,7 +218,7 @@ def test_finetune_bad_input(pretrained, tmp_path):
     # a checkpoint of another architecture: the error lists the mismatched keys
     with pytest.raises(ConfigError, match=r"init_from=.* does not fit ViT\(.*wrong shape \(17\): "
                                           r"blocks.0.attn.proj.bias checkpoint \(32,\) vs model \(48,\)"):
-        finetune.run(finetune_config(tmp_path / "data", init_from=str(pretrained), depth=2, embed_dim=48),
+        finetune.run(finetune_config(tmp_path / "data", init_from=str(tiny_pretrain_run), depth=2, embed_dim=48),
                      str(tmp_path / "c"))
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"empty|no class"):
