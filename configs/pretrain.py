@@ -3,6 +3,7 @@
   python main.py --config configs/pretrain.py:paper_vit_tiny --workdir runs/pretrain-vit-tiny     # the paper's recipe
   python main.py --config configs/pretrain.py:paper_vit_base_21k --workdir runs/pretrain-vit-base
   python main.py --config configs/pretrain.py:demo --workdir runs/demo/pretrain                  # minutes on a CPU
+  python main.py --config configs/pretrain.py:cpu_paper_aug --workdir runs/pretrain-crops        # ~10 min on a CPU
 
 paper_vit_tiny: ViT-Ti, 1k classes, Δ 0.1, σ 3.5, batch 256, AdamW 1e-3 × 256/512, 5 warm-up epochs, cosine,
 80,000 epochs of 1,000 images (312,500 steps), RandomResizedCrop + flips + RandAugment + jitter + erasing +
@@ -52,6 +53,14 @@ VARIANTS = {
              "augment.auto_augment": "", "augment.re_prob": 0.0, "augment.mixup_alpha": 0.0,
              "augment.cutmix_alpha": 0.0},
 }
+# The demo under the paper's random resized crops and mixup/cutmix (docs/reproducing.md, "a CPU pre-train that
+# learns"): a 64² bank cropped to 32² (crops of a 32² bank would be mostly upsampled blur), crop scale (0.35, 1)
+# rather than (0.08, 1), no RandAugment or erasing. 12,000 steps, about 10 minutes on a 2-core CPU: bank_top1 stays
+# near chance for 2,000 steps, then climbs (90.6% at step 5,000, 98.4% at 6,000, measured).
+VARIANTS["cpu_paper_aug"] = {
+    **VARIANTS["demo"], "render_size": 64, "pad": 2, "num_points": 20_000, "augment.crop": "rrc",
+    "augment.scale": (0.35, 1.0), "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0, "total_steps": 12_000,
+    "eval_every_steps": 1000, "checkpoint_every_steps": 2000, "log_every_steps": 200}
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:

@@ -165,8 +165,8 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
 
 def describe_run(run_dir: Path) -> str:
     """What a finished run trained, from its own config.json and result.json (so a `--set` shows): 'digits at 32²;
-    270 steps of 64 (12 epochs)', '1p-frac Δ=0.1, 64 classes rendered at 64², rrc crops to 32², mixup 0.8 / cutmix
-    1; 2,400 steps of 64'."""
+    270 steps of 64 (12 epochs)', '1p-frac Δ=0.1, 64 classes rendered at 64², rrc crops of 0.35–1 of the area to
+    32², mixup 0.8 / cutmix 1; 12,000 steps of 64'."""
     c = read_run_config(run_dir)
     steps = json.loads((run_dir / "result.json").read_text())["total_steps"]
     budget = f"{steps:,} steps of {c.batch_size}" + (f" ({c.num_epochs:g} epochs)" if c.total_steps == -1 else "")
@@ -178,8 +178,12 @@ def describe_run(run_dir: Path) -> str:
     mix = (f", mixup {c.augment.mixup_alpha:g} / cutmix {c.augment.cutmix_alpha:g}"
            if c.augment.mixup_alpha or c.augment.cutmix_alpha else "")
     seen = "resized" if c.augment.crop == "resize" else f"{c.augment.crop} crops"
+    if c.augment.crop == "rrc":
+        seen += f" of {c.augment.scale[0]:g}–{c.augment.scale[1]:g} of the area"
+    extra = "".join([f", {c.augment.auto_augment}" if c.augment.auto_augment else "",
+                     f", erasing {c.augment.re_prob:g}" if c.augment.re_prob else ""])
     return (f"{c.dataset}{delta}, {c.num_classes} classes rendered at {c.render_size}², {seen} to {c.image_size}²"
-            f"{mix}; {budget}")
+            f"{mix}{extra}; {budget}")
 
 
 def _mean_std(values: list[float]) -> str:

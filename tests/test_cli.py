@@ -18,7 +18,7 @@ PACKAGED = ("configs/bootstrap.py, configs/demo.py, configs/evaluate.py, configs
      "error: --config.batch_size=abc: invalid literal for int() with base 10: 'abc'"),
     ("configs/pretrain.py:nope", (), "error: --config=configs/pretrain.py:nope: unknown variant 'nope' of "
      "configs/pretrain.py; known: paper_vit_tiny, paper_vit_tiny_ofdb, paper_vit_tiny_fractaldb, "
-     "paper_vit_base_21k, demo"),
+     "paper_vit_base_21k, demo, cpu_paper_aug"),
     ("configs/nope.py", (), f"error: --config=configs/nope.py: no such config file (the packaged ones: {PACKAGED})"),
     ("configs/pretrain.py:demo", ("--no_such_flag=1",), "error: Unknown command line flag 'no_such_flag'"),
     ("configs/pretrain.py:demo", ("stray",), "error: unexpected argument 'stray': settings are flags"),

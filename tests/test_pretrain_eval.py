@@ -6,11 +6,11 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_PRETRAIN, csv_rows
+from conftest import TINY_MODEL, TINY_PRETRAIN, csv_rows
 from onepfrac_jax.configs import pretrain as pretrain_configs
 from PIL import Image
 
-from onepfrac_jax import inference
+from onepfrac_jax import experiments, inference
 from onepfrac_jax.data.augment import augment_config
 from onepfrac_jax.fractals import grid
 from onepfrac_jax.fractals.bank import BankSpec, build_bank
@@ -68,6 +68,32 @@ def test_a_short_pretrain_learns_its_classes(tmp_path):
                              image_size=32, num_points=3000, embed_dim=64, mlp_dim=128)
     result = pretrain.run(config, str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
     assert result.summary["bank_top1_final"] >= 50.0
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """{'a': {'b': 1}} → {'a.b': 1}."""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+def test_the_cpu_paper_aug_variant_is_the_demo_under_the_papers_crops_and_mixup(tmp_path):
+    """configs/pretrain.py:cpu_paper_aug differs from the demo where its comment says, and a run of it trains with
+    them (its config.json says so); what it reaches comes from the real run (docs/reproducing.md)."""
+    demo, crops = (_flat(pretrain_configs.get_config(v).to_dict()) for v in ("demo", "cpu_paper_aug"))
+    assert {k: v for k, v in crops.items() if demo[k] != v} == {
+        "variant": "cpu_paper_aug", "render_size": 64, "pad": 2, "num_points": 20_000, "augment.crop": "rrc",
+        "augment.scale": (0.35, 1.0), "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0, "total_steps": 12_000,
+        "eval_every_steps": 1000, "checkpoint_every_steps": 2000, "log_every_steps": 200}
+    config = pretrain_configs.get_config("cpu_paper_aug")
+    config.update({**TINY_MODEL, "num_classes": 8, "num_points": 2000, "image_size": 16, "batch_size": 8,
+                   "total_steps": 2, "eval_every_steps": 2, "checkpoint_every_steps": 2})
+    result = pretrain.run(config, str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
+    assert "bank_top1_final" in result.summary
+    assert experiments.describe_run(tmp_path / "run") == (
+        "1p-frac Δ=0.1, 8 classes rendered at 64², rrc crops of 0.35–1 of the area to 16², mixup 0.8 / cutmix 1; "
+        "2 steps of 8")
 
 
 def test_the_batch_picture_is_the_first_batch_de_normalised(run):
