@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +34,27 @@ class RunError(RuntimeError):
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with what it left and how to go on (the training loop's checkpoint, the run directory's state): one
     `error:` line, exit code 130. A KeyboardInterrupt, so that no `except Exception` on the way out holds it."""
+
+
+_ctrl_c = {"pending": False}
+
+
+def on_ctrl_c(signum: int, frame: object) -> None:
+    """main.py's SIGINT handler outside the training loop: Ctrl-C unwinds the command as an error would (RunDir says
+    what it left, in one line); a second one ends the process at once.
+
+    Python drops an exception raised in a callback it calls for itself (a weakref's, a finaliser's: "Exception
+    ignored in ..."), and the handler runs wherever the signal lands, so the KeyboardInterrupt can be lost and the
+    command go on. The Ctrl-C is kept as pending: the training loop, once started, acts on it (`take_ctrl_c`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    _ctrl_c["pending"] = True
+    raise KeyboardInterrupt
+
+
+def take_ctrl_c() -> bool:
+    """Whether a Ctrl-C came before now that nothing has acted on; it counts as acted on from here."""
+    pending, _ctrl_c["pending"] = _ctrl_c["pending"], False
+    return pending
 
 
 def require(condition: bool, message: str) -> None:

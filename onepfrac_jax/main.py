@@ -8,13 +8,13 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType, ModuleType
+from types import ModuleType
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from onepfrac_jax import configs
-from onepfrac_jax.config import STAGES, ConfigError, Interrupted, RunError
+from onepfrac_jax.config import STAGES, ConfigError, Interrupted, RunError, on_ctrl_c
 from onepfrac_jax.parallel import distributed
 from onepfrac_jax.train.loop import NonFiniteLossError
 
@@ -108,17 +108,10 @@ def _quiet_libraries(record: logging_std.LogRecord) -> bool:
     return record.levelno >= logging_std.WARNING
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    """Ctrl-C unwinds the run as an error would (RunDir says what it left, in one line; the training loop has its own
-    handler, which checkpoints first); a second Ctrl-C ends the process at once."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str]) -> None:
     del argv  # parse_flags refused any positional argument
     logging.get_absl_handler().addFilter(_quiet_libraries)
-    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGINT, on_ctrl_c)  # the training loop has its own handler, which checkpoints first
     config = _CONFIG.value
     stage = config.get("stage")
     try:

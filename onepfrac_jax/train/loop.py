@@ -44,6 +44,7 @@ from onepfrac_jax.config import (
     require_int,
     require_representable,
     require_seed,
+    take_ctrl_c,
 )
 from onepfrac_jax.files import write_errors, write_folder
 from onepfrac_jax.models import DTYPES
@@ -375,6 +376,8 @@ class _Stop:
         if self._sync is None:
             self.previous = signal.signal(signal.SIGTERM, self._handle)
         self.previous_interrupt = signal.signal(signal.SIGINT, self._interrupt)
+        if take_ctrl_c():  # one whose KeyboardInterrupt was lost before the loop began (config.on_ctrl_c)
+            self._interrupt(signal.SIGINT, None)
 
     def _handle(self, signum, frame):
         self._received = True
