@@ -189,6 +189,7 @@ def test_init_from_a_run_without_weights_says_what_the_run_is(tmp_path, stage, m
         classify.init_weights_path(str(tmp_path))
 
 
+@pytest.mark.slow  # starts a process
 def test_the_metric_writer_logs_to_tensorboard_without_importing_torch(tmp_path):
     """tensorboardX imports PyTorch, where installed, to accept its tensors: 1.5 s of every run's start. The writer
     gives it floats and keeps torch out; the events hold the scalars written."""
