@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 from conftest import TINY_MODEL, TINY_PRETRAIN, csv_rows
+from flax import traverse_util
 from onepfrac_jax.configs import pretrain as pretrain_configs
 from PIL import Image
 
@@ -70,18 +71,11 @@ def test_a_short_pretrain_learns_its_classes(tmp_path):
     assert result.summary["bank_top1_final"] >= 50.0
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    """{'a': {'b': 1}} → {'a.b': 1}."""
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat
-
-
 def test_the_cpu_paper_aug_variant_is_the_demo_under_the_papers_crops_and_mixup(tmp_path):
     """configs/pretrain.py:cpu_paper_aug differs from the demo where its comment says, and a run of it trains with
     them (its config.json says so); what it reaches comes from the real run (docs/reproducing.md)."""
-    demo, crops = (_flat(pretrain_configs.get_config(v).to_dict()) for v in ("demo", "cpu_paper_aug"))
+    demo, crops = (traverse_util.flatten_dict(pretrain_configs.get_config(v).to_dict(), sep=".")
+                   for v in ("demo", "cpu_paper_aug"))
     assert {k: v for k, v in crops.items() if demo[k] != v} == {
         "variant": "cpu_paper_aug", "render_size": 64, "pad": 2, "num_points": 20_000, "augment.crop": "rrc",
         "augment.scale": (0.35, 1.0), "augment.mixup_alpha": 0.8, "augment.cutmix_alpha": 1.0, "total_steps": 12_000,
