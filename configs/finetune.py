@@ -57,7 +57,7 @@ def recipe_augment(size: int) -> ml_collections.ConfigDict:
     return a
 
 
-VARIANTS = ("cifar100", "imagefolder", "digits_demo", "digits_demo_64", "digits_demo_ema")
+VARIANTS = ("cifar100", "imagefolder", "digits_demo", "digits_demo_64", "digits_demo_ema", "photos_demo")
 
 
 def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
@@ -82,9 +82,10 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.augment = recipe_augment(224)
     if c.variant == "imagefolder":
         c.data = data_config("imagefolder", 256, "val")
-    elif c.variant in ("digits_demo", "digits_demo_64", "digits_demo_ema"):
-        # scikit-learn's bundled 8×8 digits upsampled to 32²; the demo ViT of configs/pretrain.py:demo.
-        c.data = data_config("digits", 32, "val")
+    elif c.variant in ("digits_demo", "digits_demo_64", "digits_demo_ema", "photos_demo"):
+        # scikit-learn's bundled 8×8 digits upsampled to 32² (photos_demo: crops of its two photos, 40 regions);
+        # the demo ViT of configs/pretrain.py:demo.
+        c.data = data_config("photo_crops" if c.variant == "photos_demo" else "digits", 32, "val")
         c.image_size = 32
         c.update(dict(patch_size=8, embed_dim=96, depth=4, num_heads=3, mlp_dim=384, drop_path=0.0))
         c.batch_size = 64

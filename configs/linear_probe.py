@@ -12,7 +12,8 @@ Val top-1 after every epoch goes to metrics.csv and result.json (val_top1_max / 
 
 digits_demo (default): the demo pre-train (runs/demo/pretrain, python main.py --config configs/demo.py) on
 scikit-learn's digits, 100 epochs; seconds on a CPU. init_from takes the same as configs/evaluate.py (a run, its
-checkpoint `step`, `ema`, or weights described by the model fields). cifar100: CIFAR-100 at the run's image size,
+checkpoint `step`, `ema`, or weights described by the model fields). photos_demo: the same on crops of
+scikit-learn's two photos (40 regions, data.name photo_crops). cifar100: CIFAR-100 at the run's image size,
 90 epochs (MAE's probe length; not run here).
 """
 
@@ -25,6 +26,7 @@ from onepfrac_jax.train import optim
 
 VARIANTS = {
     "digits_demo": DEMO_VIT,
+    "photos_demo": {**DEMO_VIT, "data.name": "photo_crops"},
     "cifar100": {"data.name": "tfds:cifar100", "data.eval_split": "test", "probe.epochs": 90,
                  "probe.batch_size": 1024, "batch_size": 512},
 }

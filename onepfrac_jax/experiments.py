@@ -3,16 +3,20 @@
   python -m onepfrac_jax.experiments bootstrap_digits --seeds 3     # ViT alone vs joint vs shared (digits)
   python -m onepfrac_jax.experiments fdsl_digits --seeds 3          # scratch vs 1p-frac Δ=0.1 vs Δ=0.001
   python -m onepfrac_jax.experiments fdsl_families --seeds 2        # scratch vs 1p-frac vs OFDB vs FractalDB
+  python -m onepfrac_jax.experiments fdsl_delta --seeds 2           # Δ 0.001–1.0: fine-tunes and linear probes
   python -m onepfrac_jax.experiments bootstrap_digits --out results --arms joint,shared --set num_epochs=48
 
 Every run is one `python -m onepfrac_jax.main` process, one at a time, in OUT/GRID/ARM/seedS (a pre-train that an
-arm shares across seeds in OUT/GRID/ARM/pretrain). A run whose result.json exists is not run again; a run that
+arm shares across seeds in OUT/GRID/ARM/pretrain, or in the folder named by its `pretrain_dir` when several arms
+share it). A run whose result.json exists is not run again; a run that
 was interrupted resumes from its last checkpoint (the same command re-run finds its config.json); a run that
 fails stops the grid with the path of its log. When every run is done the grid writes OUT/GRID/results.md (mean ±
 std over seeds of the final and the max top-1 of every model, each seed's final, what each arm ran — data, sizes,
 steps, read from its runs' config.json and result.json — and the command),
 OUT/GRID/results.png (a bar per arm and model, one dot per seed) and OUT/GRID/curves.png (every model's held-out
-top-1 over training, one line per arm).
+top-1 over training, one line per arm). A grid whose arms are cells of a table (`fdsl_delta`: a row per pre-train,
+a column per read-out) also gets that table in results.md, each cell's final and early top-1 (at `early` of its
+run's steps), the paper's figure beside each row, and OUT/GRID/summary.png (a line per column over the rows).
 """
 
 from __future__ import annotations
@@ -43,12 +47,16 @@ class Arm:
     metrics: tuple[tuple[str, str], ...]  # (model label, result.json metric without _final/_max)
     overrides: tuple[str, ...] = ()
     pretrain: tuple[str, ...] | None = None  # (configs/X.py:variant, overrides...): run once, its dir is init_from
+    pretrain_dir: str | None = None  # the pre-train's folder in the grid, for arms that share it (default ARM/pretrain)
+    cell: tuple[str, str] | None = None  # (row, column) of the grid's summary table
 
 
 @dataclasses.dataclass(frozen=True)
 class Grid:
     description: str
     arms: tuple[Arm, ...]
+    early: float | None = None  # the summary's early point: top-1 at this fraction of each run's steps
+    paper: tuple[str, dict[str, float]] | None = None  # (what the paper measured, {row: its top-1}) beside the summary
 
 
 _BOOT = (("ViT", "val_top1_vit"), ("agent", "val_top1_agent"))
@@ -66,6 +74,30 @@ _PAPER_LIKE = ("--config.augment.crop=rrc", "--config.augment.scale=(0.35,1.0)",
                "--config.num_points=20000", "--config.total_steps=2400", "--config.eval_every_steps=200",
                "--config.checkpoint_every_steps=800")
 _FINETUNE = "configs/finetune.py:digits_demo"
+
+
+def delta_grid(deltas: tuple[float, ...], pretrain: tuple[str, ...], readouts: tuple[tuple[str, str, tuple[str, ...]],
+               ...]) -> tuple[Arm, ...]:
+    """The Δ sweep's arms: a row per Δ (one pre-train each, `pretrain` + `--config.delta`) and scratch, a column per
+    read-out (name, config, overrides); a read-out whose config is a linear probe has no scratch row."""
+    arms = [Arm(f"scratch · {column}", config, _FT, overrides, cell=("scratch", column))
+            for column, config, overrides in readouts if "linear_probe" not in config]
+    for delta in deltas:
+        row = f"Δ={delta}"
+        arms += [Arm(f"{row} · {column}", config, _FT, overrides, pretrain=(*pretrain, f"--config.delta={delta}"),
+                     pretrain_dir=f"pretrain {row}", cell=(row, column)) for column, config, overrides in readouts]
+    return tuple(arms)
+
+
+# Fine-tunes long enough that scratch has levelled off (docs/reproducing.md: digits scratch 92.8 at 24 epochs and at
+# 48), with the early point at a quarter of them; linear probes of 100 epochs (the config's).
+_DELTA_READOUTS = (("digits fine-tune", _FINETUNE, ("--config.num_epochs=48",)),
+                   ("digits probe", "configs/linear_probe.py:digits_demo", ()),
+                   ("photos fine-tune", "configs/finetune.py:photos_demo", ("--config.num_epochs=48",)),
+                   ("photos probe", "configs/linear_probe.py:photos_demo", ()))
+# The paper's Table (ViT-Ti fine-tuned on CIFAR-100 after 1p-frac pre-trains of each Δ; scratch 64.2).
+PAPER_DELTA = {"scratch": 64.2, "Δ=0.001": 1.2, "Δ=0.01": 19.9, "Δ=0.05": 83.0, "Δ=0.1": 84.2, "Δ=0.2": 83.4,
+               "Δ=1.0": 82.6}
 
 GRIDS = {
     "bootstrap_digits": Grid(
@@ -102,6 +134,16 @@ GRIDS = {
         arms=(Arm("scratch", _FINETUNE, _FT),
               *(Arm(label, _FINETUNE, _FT, pretrain=(_PRETRAIN, f"--config.dataset={dataset}"))
                 for label, dataset in (("1p-frac", "1p-frac"), ("OFDB", "ofdb"), ("FractalDB", "fractaldb")))),
+    ),
+    "fdsl_delta": Grid(
+        description="1p-frac's Δ sweep at CPU scale: the demo ViT pre-trained by configs/pretrain.py:cpu_paper_aug "
+                    "(64 classes rendered at 64², RandomResizedCrop 0.35–1 to 32², mixup/cutmix, 12,000 steps) on "
+                    "each Δ, then fine-tuned (48 epochs) and, separately, linear-probed (100 epochs, frozen ViT) on "
+                    "scikit-learn's digits and on crops of its two photos (40 regions); scratch fine-tunes beside "
+                    "them. One pre-train per Δ, shared by its four read-outs; a fine-tune or probe per seed.",
+        arms=delta_grid((0.001, 0.01, 0.05, 0.1, 0.2, 1.0), ("configs/pretrain.py:cpu_paper_aug",), _DELTA_READOUTS),
+        early=0.25,
+        paper=("paper: ViT-Ti fine-tuned on CIFAR-100", PAPER_DELTA),
     ),
 }
 
@@ -145,7 +187,7 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
         overrides = [*arm.overrides, *extra]
         pre = None
         if arm.pretrain is not None:
-            pre_dir = base / "pretrain"
+            pre_dir = root / _slug(arm.pretrain_dir) if arm.pretrain_dir else base / "pretrain"
             pre = _run(arm.pretrain[0], pre_dir, [*arm.pretrain[1:], *pretrain_extra])
             overrides.append(f"--config.init_from={pre_dir}")
         results = [_run(arm.config, base / f"seed{s}", [f"--config.seed={s}", *overrides]) for s in range(seeds)]
@@ -156,8 +198,11 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
             "models": {label: {"final": [r[f"{key}_final"] for r in results],
                                "max": [r[f"{key}_max"] for r in results]} for label, key in arm.metrics},
             "steps": results[0]["total_steps"],
-            "ran": " — then ".join([*([f"pre-train {describe_run(base / 'pretrain')}"] if pre is not None else []),
+            "ran": " — then ".join([*([f"pre-train {describe_run(pre_dir)}"] if pre is not None else []),
                                    describe_run(base / "seed0")]),
+            "early": ([early_top1(base / f"seed{s}", arm.metrics[0][1], grid.early) for s in range(seeds)]
+                      if grid.early is not None and len(arm.metrics) == 1 else None),
+            "cell": arm.cell,
         }
     write_results(name, grid, table, root, seeds, arms, extra, pretrain_extra)
     return table
@@ -169,6 +214,10 @@ def describe_run(run_dir: Path) -> str:
     32², mixup 0.8 / cutmix 1; 12,000 steps of 64'."""
     c = read_run_config(run_dir)
     steps = json.loads((run_dir / "result.json").read_text())["total_steps"]
+    if c.stage == "linear_probe":
+        # the frozen ViT sees the data at its own size (its run's eval transform); the data is decoded at this one
+        return (f"linear probe on {c.data.name} decoded at {c.data.image_size}²; {c.probe.epochs} epochs of "
+                f"{c.probe.batch_size}-feature minibatches ({steps:,} steps)")
     budget = f"{steps:,} steps of {c.batch_size}" + (f" ({c.num_epochs:g} epochs)" if c.total_steps == -1 else "")
     if c.stage != "pretrain":
         fraction = c.data.get("fraction", 1.0)
@@ -210,20 +259,106 @@ def write_results(name: str, grid: Grid, table: dict, root: Path, seeds: int, ar
             per_seed = " ".join(f"{v:.1f}" for v in m["final"])
             lines.append(f"| {arm} | {label} | {row['steps']} | {_mean_std(m['final'])} | {_mean_std(m['max'])} | "
                          f"{per_seed} | {pre} |")
-    lines += ["", "Top-1 in %, on the digits' held-out split; std over seeds (n − 1)."]
+    lines += ["", "Top-1 in %, on each run's held-out split; std over seeds (n − 1)."]
+    cells = {row["cell"]: row for row in table.values() if row["cell"] is not None}
+    if cells:
+        lines += ["", *summary_table(grid, cells)]
     write_file(root / "results.md", "\n".join(lines) + "\n")
     _chart(name, table, root / "results.png")
     _curves(name, table, root / "curves.png")
-    print(f"wrote {root / 'results.md'}, {root / 'results.png'} and {root / 'curves.png'}")
+    written = [root / "results.md", root / "results.png", root / "curves.png"]
+    if cells:
+        _summary_chart(name, grid, cells, root / "summary.png")
+        written.append(root / "summary.png")
+    print(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _chart(name: str, table: dict, path: Path) -> None:
-    """A bar per (arm, model) at the mean final top-1, one dot per seed."""
+def early_top1(run_dir: Path, key: str, fraction: float) -> float:
+    """The run's held-out top-1 at its first evaluation at or past `fraction` of its steps."""
+    steps, values = eval_curve(run_dir, key)
+    total = json.loads((run_dir / "result.json").read_text())["total_steps"]
+    return float(values[np.flatnonzero(steps >= fraction * total)[0]])
+
+
+def _cell_order(cells: dict) -> tuple[list[str], list[str]]:
+    rows = list(dict.fromkeys(r for r, _ in cells))
+    return rows, list(dict.fromkeys(c for _, c in cells))
+
+
+def summary_table(grid: Grid, cells: dict) -> list[str]:
+    """results.md's summary: a row per pre-train, a column per read-out, 'final (early)' mean ± std in each cell,
+    and the paper's figure for the row."""
+    rows, columns = _cell_order(cells)
+    paper_title, paper = grid.paper or ("", {})
+    head = ["", *columns, *([paper_title] if paper else [])]
+    lines = ["## Summary", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for r in rows:
+        out = []
+        for c in columns:
+            row = cells.get((r, c))
+            if row is None:
+                out.append("—")
+                continue
+            final = _mean_std(next(iter(row["models"].values()))["final"])
+            out.append(final + (f" ({_mean_std(row['early'])})" if row["early"] is not None else ""))
+        lines.append("| " + " | ".join([r, *out, *([f"{paper[r]:g}" if r in paper else "—"] if paper else [])])
+                     + " |")
+    early = (f"; in brackets the top-1 at {grid.early:g} of the run's steps (the early point of the same schedule)"
+             if grid.early is not None else "")
+    return [*lines, "", f"Each cell: final top-1 %, mean ± std over seeds{early}."]
+
+
+def _summary_chart(name: str, grid: Grid, cells: dict, path: Path) -> None:
+    """A line per read-out over the pre-trains (scratch as a dashed line), and the paper's figures beside them."""
+    plt = _pyplot()
+    rows, columns = _cell_order(cells)
+    swept = [r for r in rows if r != "scratch"]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(swept) + 2.5), 3.8))
+    x = np.arange(len(swept))
+    for i, c in enumerate(columns):
+        color = f"C{i}"
+        points = [(j, np.mean(next(iter(cells[(r, c)]["models"].values()))["final"]))
+                  for j, r in enumerate(swept) if (r, c) in cells]
+        ax.plot([j for j, _ in points], [v for _, v in points], marker="o", color=color, label=c)
+        if ("scratch", c) in cells:
+            ax.axhline(np.mean(next(iter(cells[("scratch", c)]["models"].values()))["final"]), color=color,
+                       linestyle="--", linewidth=1)
+    if grid.paper is not None:
+        title, paper = grid.paper
+        ax.plot(x, [paper.get(r, np.nan) for r in swept], marker="s", color="black", label=title)
+        if "scratch" in paper:
+            ax.axhline(paper["scratch"], color="black", linestyle="--", linewidth=1)
+    ax.set_xticks(x, swept)
+    _top1_axes(ax, "final top-1 (%)")
+    ax.set_title(f"{name}: final top-1 by pre-train (dashed: the same read-out from scratch)", fontsize=9)
+    _save(plt, fig, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _top1_axes(ax, label: str) -> None:
+    ax.set_ylabel(label)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def _save(plt, fig, path: Path) -> None:
+    fig.tight_layout()
+    write_file(path, functools.partial(fig.savefig, format="png", dpi=120))
+    plt.close(fig)
+
+
+def _chart(name: str, table: dict, path: Path) -> None:
+    """A bar per (arm, model) at the mean final top-1, one dot per seed."""
+    plt = _pyplot()
     bars = [(f"{arm}\n{label}" if len(row["models"]) > 1 else arm, m["final"])
             for arm, row in table.items() for label, m in row["models"].items()]
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(bars)), 3.6))
@@ -236,9 +371,7 @@ def _chart(name: str, table: dict, path: Path) -> None:
     ax.set_ylabel("final top-1 (%)")
     ax.set_title(name)
     ax.set_ylim(0, 100)
-    fig.tight_layout()
-    write_file(path, functools.partial(fig.savefig, format="png", dpi=120))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def eval_curve(run_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,11 +383,7 @@ def eval_curve(run_dir: Path, key: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _curves(name: str, table: dict, path: Path) -> None:
     """Each model's held-out top-1 over training, one line per arm (mean over seeds), one panel per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     labels = list(dict.fromkeys(label for row in table.values() for label in row["models"]))
     fig, axes = plt.subplots(1, len(labels), figsize=(5.0 * len(labels), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels, strict=True):
@@ -266,14 +395,9 @@ def _curves(name: str, table: dict, path: Path) -> None:
             values = np.mean([v for _, v in curves], axis=0)  # the seeds of an arm evaluate at the same steps
             ax.plot(steps, values, label=arm, marker=".", markersize=3)
         ax.set_xlabel("step")
-        ax.set_ylabel(f"{label} top-1 (%)")
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        _top1_axes(ax, f"{label} top-1 (%)")
     fig.suptitle(f"{name}: held-out top-1 during training (mean over seeds)", fontsize=9)
-    fig.tight_layout()
-    write_file(path, functools.partial(fig.savefig, format="png", dpi=120))
-    plt.close(fig)
+    _save(plt, fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,52 +14,81 @@ from onepfrac_jax import experiments
 pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
 
 _FINETUNE = {"image_size": 16, "data.image_size": 16, "batch_size": 16, "total_steps": 4, "log_every_steps": 2,
-             "checkpoint_every_steps": 2, **TINY_MODEL}
+             "checkpoint_every_steps": 2, "eval_every_steps": 2, **TINY_MODEL}
+_PROBE = {"data.image_size": 16, "batch_size": 64, "probe.epochs": 4}
+
+
+def _flags(overrides: dict) -> tuple[str, ...]:
+    return tuple(f"--config.{k}={v}" for k, v in overrides.items())
+
+
+# fdsl_delta's own arms (experiments.delta_grid) at a tiny budget: one Δ, a fine-tune and a probe sharing its pre-train
 TINY = experiments.Grid(
     description="a tiny fdsl grid",
-    arms=(experiments.Arm("pre", "configs/finetune.py:digits_demo", (("ViT", "val_top1"),),
-                          overrides=tuple(f"--config.{k}={v}" for k, v in _FINETUNE.items()),
-                          pretrain=("configs/pretrain.py:demo",
-                                    *(f"--config.{k}={v}" for k, v in TINY_PRETRAIN.items()))),),
+    arms=experiments.delta_grid(
+        (0.1,), ("configs/pretrain.py:demo", *_flags(TINY_PRETRAIN)),
+        (("digits fine-tune", "configs/finetune.py:digits_demo", _flags(_FINETUNE)),
+         ("photos probe", "configs/linear_probe.py:photos_demo", _flags(_PROBE)))),
+    early=0.5,
+    paper=("the paper", {"scratch": 64.2, "Δ=0.1": 84.2}),
 )
+ARM = "Δ=0.1 · digits fine-tune"
 
 
 def test_a_grid_runs_each_run_once_resumes_and_tabulates_its_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(experiments.GRIDS, "tiny", TINY)
     experiments.run_grid("tiny", 2, tmp_path)
     root = tmp_path / "tiny"
-    results = [json.loads((root / "pre" / f"seed{s}" / "result.json").read_text()) for s in range(2)]
+    arm = root / experiments._slug(ARM)
+    results = [json.loads((arm / f"seed{s}" / "result.json").read_text()) for s in range(2)]
     finals = [r["val_top1_final"] for r in results]
     # the table's numbers are the runs' own
-    row = next(line for line in (root / "results.md").read_text().splitlines() if line.startswith("| pre |"))
+    text = (root / "results.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {ARM} |"))
     mean, std = np.mean(finals), np.std(finals, ddof=1)
     assert f"| {mean:.1f} ± {std:.1f} |" in row and " ".join(f"{v:.1f}" for v in finals) in row
     # what ran, from the runs' own configs: the grid's overrides (4 steps of 16), not its configs' defaults
-    assert ("- pre: pre-train 1p-frac Δ=0.1, 8 classes rendered at 32², resized to 16²; 4 steps of 8 — then "
-            "digits at 16²; 4 steps of 16\n") in (root / "results.md").read_text()
-    # both fine-tunes started from the one pre-train
-    for s in range(2):
-        config = json.loads((root / "pre" / f"seed{s}" / "config.json").read_text())
-        assert config["init_from"] == str(root / "pre" / "pretrain") and config["seed"] == s
-    with Image.open(root / "results.png") as png:
-        assert png.size[0] > 300 and png.size[1] > 200
+    assert (f"- {ARM}: pre-train 1p-frac Δ=0.1, 8 classes rendered at 32², resized to 16²; 4 steps of 8 — then "
+            "digits at 16²; 4 steps of 16\n") in text
+    assert ("- Δ=0.1 · photos probe: pre-train 1p-frac Δ=0.1, 8 classes rendered at 32², resized to 16²; 4 steps of "
+            "8 — then linear probe on photo_crops decoded at 16²; 4 epochs of 256-feature minibatches (28 steps)\n"
+            ) in text
+    # the fine-tunes and the probes of Δ=0.1 started from its one pre-train
+    pre = root / "pretrain_Δ_0.1"
+    for name in (ARM, "Δ=0.1 · photos probe"):
+        for s in range(2):
+            config = json.loads((root / experiments._slug(name) / f"seed{s}" / "config.json").read_text())
+            assert config["init_from"] == str(pre) and config["seed"] == s
+    assert len(re.findall(r"--workdir \S*pretrain_Δ_0.1\b", capsys.readouterr().out)) == 1
+    # the summary: a row per pre-train, a column per read-out, final (early) and the paper's figure
+    early = [next(h["val_top1"] for h in r["history"] if "val_top1" in h and h["step"] >= r["total_steps"] / 2)
+             for r in results]
+    probes = [json.loads((root / experiments._slug("Δ=0.1 · photos probe") / f"seed{s}" / "result.json").read_text())
+              for s in range(2)]
+    assert probes[0]["val_top1_final"] != probes[1]["val_top1_final"]  # each seed its own head
+    probe = experiments._mean_std([r["val_top1_final"] for r in probes])
+    summary = text[text.index("## Summary"):]
+    assert "|  | digits fine-tune | photos probe | the paper |" in summary
+    assert f"| Δ=0.1 | {mean:.1f} ± {std:.1f} ({experiments._mean_std(early)}) | {probe} (" in summary
+    assert re.search(r"\| scratch \| [\d.]+ ± [\d.]+ \([\d.]+ ± [\d.]+\) \| — \| 64\.2 \|", summary)
+    assert "| 84.2 |" in summary
+    for chart in ("results.png", "curves.png", "summary.png"):
+        with Image.open(root / chart) as png:
+            assert png.size[0] > 300 and png.size[1] > 200
     # the curves chart reads each run's eval rows: they end at its final top-1
-    steps, values = experiments.eval_curve(root / "pre" / "seed0", "val_top1")
+    steps, values = experiments.eval_curve(arm / "seed0", "val_top1")
     assert steps[-1] == results[0]["total_steps"] and values[-1] == pytest.approx(finals[0], abs=1e-3)
-    with Image.open(root / "curves.png") as png:
-        assert png.size[0] > 300 and png.size[1] > 200
 
     # again: nothing is re-run
     stamps = {p: p.stat().st_mtime_ns for p in root.rglob("result.json")}
-    capsys.readouterr()
     experiments.run_grid("tiny", 2, tmp_path)
     assert {p: p.stat().st_mtime_ns for p in root.rglob("result.json")} == stamps
     assert "running" not in capsys.readouterr().out
 
     # an interrupted run (no result.json yet) resumes from its checkpoint, to the same result
-    (root / "pre" / "seed1" / "result.json").unlink()
+    (arm / "seed1" / "result.json").unlink()
     experiments.run_grid("tiny", 2, tmp_path)
-    again = json.loads((root / "pre" / "seed1" / "result.json").read_text())
+    again = json.loads((arm / "seed1" / "result.json").read_text())
     assert again["history"] == results[1]["history"]
     assert re.search(r"running: .*seed1", capsys.readouterr().out)
 
@@ -68,9 +97,9 @@ def test_a_failing_run_or_an_unknown_arm_stops_the_grid_with_one_line(tmp_path, 
     with pytest.raises(SystemExit, match=r"no arm \['nope'\] in bootstrap_digits; its arms: \['ViT alone'"):
         experiments.run_grid("bootstrap_digits", 1, tmp_path, arms=["nope"])
     monkeypatch.setitem(experiments.GRIDS, "tiny", TINY)
-    with pytest.raises(SystemExit, match=r"the run in .*pretrain failed \(exit 2\); its log: .*pretrain\.log"):
+    with pytest.raises(SystemExit, match=r"the run in .*pretrain_Δ_0.1 failed \(exit 2\); its log: .*_0.1\.log"):
         experiments.run_grid("tiny", 1, tmp_path, pretrain_extra=("--config.batch_size=0",))
-    assert "batch_size" in (tmp_path / "tiny" / "pre" / "pretrain.log").read_text()
+    assert "batch_size" in (tmp_path / "tiny" / "pretrain_Δ_0.1.log").read_text()
 
 
 def test_every_joint_variant_has_its_lone_baseline():

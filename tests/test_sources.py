@@ -296,6 +296,43 @@ def test_digits_are_uint8_rgb_with_ten_classes():
     assert (images[..., 0] == images[..., 2]).all()
 
 
+def test_photo_crops_are_keyed_crops_of_the_bundled_photos_with_no_val_pixel_seen_in_training():
+    from sklearn.datasets import load_sample_images
+
+    section = ml_collections.ConfigDict({"name": "photo_crops", "image_size": 16})
+    train, val = (sources.make_source(section, split) for split in ("train", "val"))
+    rows, cols = sources.PHOTO_GRID
+    assert train.num_classes == val.num_classes == 2 * rows * cols
+    assert train.class_names[:2] == ("china-0-0", "china-0-1")
+    assert train.class_names[-1] == f"flower-{rows - 1}-{cols - 1}"
+    assert (len(train), len(val)) == (1920, 480)
+    assert np.bincount(val.labels).tolist() == [12] * val.num_classes
+    item = train[100]
+    assert item["image"].shape == (16, 16, 3) and item["image"].dtype == np.uint8
+    # the same set on every construction (a keyed draw), and the pixels are the photo's box, resized
+    again = sources.PhotoCropsSource("train", 16)
+    assert (again.images == train.images).all() and (again.boxes == train.boxes).all()
+    photo, top, left, side = train.boxes[100]
+    expected = Image.fromarray(load_sample_images().images[photo][top : top + side, left : left + side])
+    assert (item["image"] == np.asarray(expected.resize((16, 16), Image.Resampling.BICUBIC))).all()
+    # every crop inside its class's region, train in the region's left half, val in its right half
+    height, width = 427 // rows, 640 // cols
+    for source, half in ((train, 0), (val, 1)):
+        label = source.labels
+        photo, top, left, side = source.boxes.T
+        assert (photo == label // (rows * cols)).all() and (side >= 40).all()
+        r, c = (label % (rows * cols)) // cols, label % cols
+        assert (top >= r * height).all() and (top + side <= (r + 1) * height).all()
+        assert (left >= c * width + half * (width // 2)).all()
+        assert (left + side <= c * width + (half + 1) * (width // 2)).all()
+    # fraction keeps the first crops of each class
+    few = sources.make_source(ml_collections.ConfigDict({**section, "fraction": 0.25}), "train")
+    assert np.bincount(few.labels).tolist() == [12] * train.num_classes
+    assert (few.boxes[:12] == train.boxes[:12]).all()
+    with pytest.raises(ConfigError, match="photo_crops has no split 'test'"):
+        sources.PhotoCropsSource("test", 16)
+
+
 @pytest.fixture(scope="module")
 def tfds_dir(tmp_path_factory) -> Path:
     """A tiny array_record TFDS dataset built locally; image pixel value = 40 · label + 10."""

@@ -1,12 +1,14 @@
 """Random-access image sources: each item is decoded to a fixed-size uint8 (H, W, 3) image and an int label.
 
-Three kinds, chosen by `make_source` from the dataset name:
+Four kinds, chosen by `make_source` from the dataset name:
   `imagefolder`  root/<split>/<class>/<image>, as torchvision's ImageFolder (sorted class folders → labels);
   `tfds:<name>`  a TFDS dataset the user prepared in array_record format, read with `tfds.data_source`;
-  `digits`       scikit-learn's bundled 8×8 handwritten digits, the built-in demo that needs no download.
+  `digits`       scikit-learn's bundled 8×8 handwritten digits, the built-in demo that needs no download;
+  `photo_crops`  square crops of scikit-learn's two bundled photographs, one class per region of a photo: the
+                 photos-not-digits set that needs no download (textures and parts of objects).
 Resizing is a plain resize to `image_size`² (aspect ratio not kept, so random crops on the device still see
-the whole image): bicubic for files and TFDS (timm's interpolation), bilinear for the 8×8 digits. 16-bit images
-keep their high byte; float images are refused.
+the whole image): bicubic for files, TFDS and photo crops (timm's interpolation), bilinear for the 8×8 digits.
+16-bit images keep their high byte; float images are refused.
 """
 
 from __future__ import annotations
@@ -29,8 +31,11 @@ from onepfrac_jax.config import MAX_IMAGE_SIDE, ConfigError, first_few, require,
 
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as torchvision does.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-KNOWN_DATASETS = ("imagefolder", "tfds:<name>", "digits")
+KNOWN_DATASETS = ("imagefolder", "tfds:<name>", "digits", "photo_crops")
 DIGITS_TRAIN_FRACTION = 0.8
+PHOTO_GRID = (4, 5)  # photo_crops: regions (classes) per photo, rows × columns
+PHOTO_CROPS_PER_CLASS = {"train": 48, "val": 12}
+_PHOTO_STREAM = {"train": 0, "val": 1}  # photo_crops' generator keys: the splits draw apart
 _VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
 
 # PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
@@ -289,6 +294,58 @@ class DigitsSource:
         return {"image": np.repeat(image[:, :, None], 3, axis=2), "label": int(self.labels[index])}
 
 
+class PhotoCropsSource:
+    """Square crops of scikit-learn's two bundled photographs (china.jpg, flower.jpg; 427 × 640 each).
+
+    Each photo is cut into `PHOTO_GRID` (4 × 5) regions of about 106 × 128 px and each region is a class: 40
+    classes, named `photo-row-column`. A region's left half gives its `train` crops, its right half its `val` crops,
+    so no val pixel is ever seen in training. A crop is a square of 40–64 px (the half's width) at a place in the
+    half, both drawn from a generator keyed by (split, class, index): the set is the same on every machine. 48 train
+    and 12 val crops a class (1,920 and 480), resized bicubically to `image_size` once, at construction. `boxes`
+    says where each came from: (photo, top, left, side) in the photo's pixels.
+    """
+
+    def __init__(self, split: str, image_size: int, fraction: float = 1.0):
+        from sklearn.datasets import load_sample_images
+
+        _require_split(split, ("train", "val"), "photo_crops")
+        require(image_size > 0, f"image_size={image_size} must be positive")
+        photos = load_sample_images()
+        rows, cols = PHOTO_GRID
+        per_class = PHOTO_CROPS_PER_CLASS[split]
+        images, labels, names, boxes = [], [], [], []
+        for index, (photo, filename) in enumerate(zip(photos.images, photos.filenames, strict=True)):
+            stem = Path(filename).stem
+            height, width = photo.shape[0] // rows, photo.shape[1] // cols
+            half = width // 2
+            for r in range(rows):
+                for c in range(cols):
+                    label = len(names)
+                    names.append(f"{stem}-{r}-{c}")
+                    left = c * width + (half if split == "val" else 0)
+                    rng = np.random.default_rng([_PHOTO_STREAM[split], label])
+                    for _ in range(per_class):
+                        side = int(rng.integers(min(40, half), half + 1))
+                        y = r * height + int(rng.integers(0, height - side + 1))
+                        x = left + int(rng.integers(0, half - side + 1))
+                        crop = Image.fromarray(photo[y : y + side, x : x + side])
+                        images.append(_square_array(crop, image_size))
+                        labels.append(label)
+                        boxes.append((index, y, x, side))
+        labels = np.asarray(labels, dtype=np.int32)
+        keep = per_class_subset(labels, fraction)
+        self.images, self.labels, self.boxes = np.stack(images)[keep], labels[keep], np.asarray(boxes)[keep]
+        self.image_size = image_size
+        self.class_names = tuple(names)
+        self.num_classes = len(names)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": int(self.labels[index])}
+
+
 class TfdsSource:
     """A prepared TFDS dataset in array_record format, read by `tfds.data_source` (no TensorFlow needed)."""
 
@@ -348,7 +405,10 @@ def make_source(section: ml_collections.ConfigDict, split: str) -> Source:
         return ImageFolderSource(data_dir / split, section.image_size, fraction, names)
     if name == "digits":
         return DigitsSource(split, section.image_size, fraction)
+    if name == "photo_crops":
+        return PhotoCropsSource(split, section.image_size, fraction)
     if name.startswith("tfds:") and len(name) > len("tfds:"):
-        require(fraction == 1.0, f"fraction={fraction} is supported for imagefolder and digits, not {name}")
+        require(fraction == 1.0,
+                f"fraction={fraction} is supported for imagefolder, digits and photo_crops, not {name}")
         return TfdsSource(name[len("tfds:") :], split, section.image_size, section.get("data_dir") or None)
     raise ConfigError(f"unknown dataset name {name!r}; known: {', '.join(KNOWN_DATASETS)}")
