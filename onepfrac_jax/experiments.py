@@ -4,6 +4,7 @@
   python -m onepfrac_jax.experiments fdsl_digits --seeds 3          # scratch vs 1p-frac Δ=0.1 vs Δ=0.001
   python -m onepfrac_jax.experiments fdsl_families --seeds 2        # scratch vs 1p-frac vs OFDB vs FractalDB
   python -m onepfrac_jax.experiments fdsl_delta --seeds 2           # Δ 0.001–1.0: fine-tunes and linear probes
+  python -m onepfrac_jax.experiments fdsl_cifar100 --seeds 1 --set data.data_dir=~/tensorflow_datasets   # one GPU
   python -m onepfrac_jax.experiments bootstrap_digits --out results --arms joint,shared --set num_epochs=48
 
 Every run is one `python -m onepfrac_jax.main` process, one at a time, in OUT/GRID/ARM/seedS (a pre-train that an
@@ -146,6 +147,31 @@ GRIDS = {
         paper=("paper: ViT-Ti fine-tuned on CIFAR-100", PAPER_DELTA),
     ),
 }
+
+
+# fdsl_cifar100: a tenth of the paper's budget (SPEC §A4: 312,500 pre-train steps of 256) and of the fine-tune
+# config's 1,000 epochs (docs/reproducing.md: about N hours on one H100).
+C100_PRETRAIN_STEPS = 31_250
+C100_FINETUNE_EPOCHS = 100
+_C100 = "CIFAR-100 fine-tune"
+GRIDS["fdsl_cifar100"] = Grid(
+    description="The paper's table on one GPU, at a tenth of its budget: ViT-Ti (configs/finetune.py:cifar100, "
+                f"{C100_FINETUNE_EPOCHS} epochs of CIFAR-100 from TFDS at 224²) from scratch and after pre-trains of "
+                f"{C100_PRETRAIN_STEPS:,} steps of 256 by configs/pretrain.py:paper_vit_tiny on 1p-frac Δ = 0.1, "
+                "1p-frac Δ = 0.001 (the paper's collapse) and OFDB-1k (paper_vit_tiny_ofdb). Needs CIFAR-100 "
+                "prepared in array_record format (`tfds build cifar100 --file_format=array_record`): pass its folder "
+                "with --set data.data_dir=DIR.",
+    arms=(Arm("scratch", "configs/finetune.py:cifar100", _FT, (f"--config.num_epochs={C100_FINETUNE_EPOCHS}",),
+              cell=("scratch", _C100)),
+          *(Arm(label, "configs/finetune.py:cifar100", _FT, (f"--config.num_epochs={C100_FINETUNE_EPOCHS}",),
+                pretrain=(f"configs/pretrain.py:{variant}", f"--config.total_steps={C100_PRETRAIN_STEPS}",
+                          *overrides), cell=(label, _C100))
+            for label, variant, overrides in (("1p-frac Δ=0.1", "paper_vit_tiny", ()),
+                                              ("1p-frac Δ=0.001", "paper_vit_tiny", ("--config.delta=0.001",)),
+                                              ("OFDB", "paper_vit_tiny_ofdb", ())))),
+    early=0.25,
+    paper=("paper (full budget)", {"scratch": 64.2, "1p-frac Δ=0.1": 84.2, "1p-frac Δ=0.001": 1.2, "OFDB": 84.0}),
+)
 
 
 def _slug(name: str) -> str:

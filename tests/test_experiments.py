@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,60 @@ def test_a_failing_run_or_an_unknown_arm_stops_the_grid_with_one_line(tmp_path, 
     with pytest.raises(SystemExit, match=r"the run in .*pretrain_Δ_0.1 failed \(exit 2\); its log: .*_0.1\.log"):
         experiments.run_grid("tiny", 1, tmp_path, pretrain_extra=("--config.batch_size=0",))
     assert "batch_size" in (tmp_path / "tiny" / "pretrain_Δ_0.1.log").read_text()
+
+
+def _fake_cifar100(data_dir: Path) -> None:
+    """A TFDS 'cifar100' in array_record format with the real one's version and features: 200 train, 100 test."""
+    import tensorflow_datasets as tfds
+
+    class Cifar100(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+        VERSION = tfds.core.Version("3.0.2")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "id": tfds.features.Text(), "image": tfds.features.Image(shape=(32, 32, 3)),
+                "label": tfds.features.ClassLabel(num_classes=100),
+                "coarse_label": tfds.features.ClassLabel(num_classes=20)}))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(200, 0), "test": self._generate_examples(100, 1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                pixels = np.clip(rng.normal(2.5 * (i % 100), 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                yield f"{seed}_{i}", {"id": f"{seed}_{i}", "image": Image.fromarray(pixels), "label": i % 100,
+                                      "coarse_label": (i % 100) // 5}
+
+    Cifar100(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_the_gpu_cifar100_grid_runs_as_written_on_a_tfds_cifar100_folder(tmp_path):
+    """fdsl_cifar100 with only its budget and sizes shrunk: the real configs read CIFAR-100 from TFDS, the
+    fine-tune starts from its pre-train, and the summary sets the paper's figures beside the runs'."""
+    data_dir = tmp_path / "tfds"
+    _fake_cifar100(data_dir)
+    finetune = {"data.data_dir": data_dir, "image_size": 16, "data.image_size": 16, "batch_size": 16,
+                "total_steps": 2, "eval_every_steps": 1, "checkpoint_every_steps": 2, "log_every_steps": 1,
+                **TINY_MODEL}
+    experiments.main(["fdsl_cifar100", "--seeds", "1", "--out", str(tmp_path), "--arms", "scratch,1p-frac Δ=0.1",
+                      *(f"--set={k}={v}" for k, v in finetune.items()),
+                      *(f"--pretrain_set={k}={v}" for k, v in TINY_PRETRAIN.items())])
+    root = tmp_path / "fdsl_cifar100"
+    text = (root / "results.md").read_text()
+    assert ("- 1p-frac Δ=0.1: pre-train 1p-frac Δ=0.1, 8 classes rendered at 32², rrc crops of 0.08–1 of the area to "
+            "16², mixup 0.8 / cutmix 1, rand-m9-mstd0.5-inc1, erasing 0.5; 4 steps of 8 — then tfds:cifar100 at 16²; "
+            "2 steps of 16\n") in text
+    log = (root / "1p-frac_Δ_0.1" / "seed0.log").read_text()
+    assert "tfds:cifar100: 200 train / 100 test examples, 100 classes" in log
+    config = json.loads((root / "1p-frac_Δ_0.1" / "seed0" / "config.json").read_text())
+    assert config["init_from"] == str(root / "1p-frac_Δ_0.1" / "pretrain") and config["num_epochs"] == 100
+    finals = {arm: json.loads((root / arm / "seed0" / "result.json").read_text())["val_top1_final"]
+              for arm in ("scratch", "1p-frac_Δ_0.1")}
+    summary = text[text.index("## Summary"):]
+    assert "|  | CIFAR-100 fine-tune | paper (full budget) |" in summary
+    assert f"| scratch | {finals['scratch']:.1f} ± 0.0 (" in summary and summary.count("| 64.2 |") == 1
+    assert f"| 1p-frac Δ=0.1 | {finals['1p-frac_Δ_0.1']:.1f} ± 0.0 (" in summary and "| 84.2 |" in summary
 
 
 def test_every_joint_variant_has_its_lone_baseline():
