@@ -227,7 +227,7 @@ def test_a_system_that_cannot_make_valid_classes_stops_with_advice():
         ("sigma", 0.0, "sigma=0.0 must lie in"),
         ("sigma", 6.0, "sigma=6.0 must lie in"),
         ("delta", -0.1, "delta=-0.1 must be ≥ 0"),
-        ("delta", 1.0, "must be < 1 in multiplicative mode"),
+        ("delta", 1.5, "delta=1.5 must be ≤ 1 in multiplicative mode"),
         ("num_classes", 0, "num_classes=0 must be > 0"),
         ("image_size", 15, "image_size=15 must be ≥ 16"),
         ("draw_mode", "blob", "draw_mode='blob'"),
@@ -239,5 +239,6 @@ def test_bad_specs_are_rejected(field, value, message):
         BankSpec(**{**SMALL.__dict__, field: value}).validate()
 
 
-def test_additive_mode_allows_delta_of_one():
-    BankSpec(**{**SMALL.__dict__, "delta": 1.0, "perturbation": "additive"}).validate()
+def test_the_papers_largest_delta_is_valid_in_both_modes_and_additive_goes_beyond():
+    BankSpec(**{**SMALL.__dict__, "delta": 1.0}).validate()  # factors U(0, 2): no sign flips
+    BankSpec(**{**SMALL.__dict__, "delta": 1.5, "perturbation": "additive"}).validate()

@@ -123,7 +123,7 @@ def test_a_degenerate_base_system_leaves_nothing_behind(tmp_path):
         ("--config.sigma=6", "sigma=6.0 must lie in (0, 3·num_maps) = (0, 6)"),
         ("--config.sigma=0", "sigma=0.0 must lie in"),
         ("--config.delta=-0.5", "delta=-0.5 must be ≥ 0"),
-        ("--config.delta=1.0", "must be < 1 in multiplicative mode"),
+        ("--config.delta=1.5", "delta=1.5 must be ≤ 1 in multiplicative mode"),
         ("--config.num_classes=0", "num_classes=0 must be > 0"),
         ("--config.image_size=8", "image_size=8 must be ≥ 16"),
         ("--config.no_such_key=1", "unknown config key 'no_such_key'"),

@@ -63,8 +63,9 @@ class BankSpec:
             (0 < self.sigma < 3 * n, f"sigma={self.sigma} must lie in (0, 3·num_maps) = (0, {3 * n})"),
             (self.delta >= 0, f"delta={self.delta} must be ≥ 0"),
             (
-                self.perturbation != "multiplicative" or self.delta < 1,
-                f"delta={self.delta} must be < 1 in multiplicative mode (factors U(1−Δ, 1+Δ) would flip signs)",
+                self.perturbation != "multiplicative" or self.delta <= 1,
+                f"delta={self.delta} must be ≤ 1 in multiplicative mode (factors U(1−Δ, 1+Δ) would flip signs; "
+                f"the paper's largest Δ is 1.0)",
             ),
             (
                 self.perturbation in ifs.PERTURBATIONS,
