@@ -229,6 +229,7 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
             "early": ([early_top1(base / f"seed{s}", arm.metrics[0][1], grid.early) for s in range(seeds)]
                       if grid.early is not None and len(arm.metrics) == 1 else None),
             "cell": arm.cell,
+            "pretrain_dir": str(pre_dir) if pre is not None else None,
         }
     write_results(name, grid, table, root, seeds, arms, extra, pretrain_extra)
     return table
@@ -335,11 +336,15 @@ def summary_table(grid: Grid, cells: dict) -> list[str]:
 
 
 def _summary_chart(name: str, grid: Grid, cells: dict, path: Path) -> None:
-    """A line per read-out over the pre-trains (scratch as a dashed line), and the paper's figures beside them."""
+    """Left: a line per read-out over the pre-trains (scratch as a dashed line), the paper's figures beside them.
+    Right, when the rows have pre-trains: each pre-train's own held-out top-1 (e.g. bank top-1) over its steps."""
     plt = _pyplot()
     rows, columns = _cell_order(cells)
     swept = [r for r in rows if r != "scratch"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.0 * len(swept) + 2.5), 3.8))
+    pretrains = {r: row for (r, _), row in cells.items() if row["pretrain_dir"] is not None}
+    fig, axes = plt.subplots(1, 2 if pretrains else 1, figsize=(max(5.0, 1.0 * len(swept) + 2.5) * (1.9 if pretrains
+                             else 1.0), 3.8), squeeze=False)
+    ax = axes[0][0]
     x = np.arange(len(swept))
     for i, c in enumerate(columns):
         color = f"C{i}"
@@ -357,6 +362,15 @@ def _summary_chart(name: str, grid: Grid, cells: dict, path: Path) -> None:
     ax.set_xticks(x, swept)
     _top1_axes(ax, "final top-1 (%)")
     ax.set_title(f"{name}: final top-1 by pre-train (dashed: the same read-out from scratch)", fontsize=9)
+    if pretrains:
+        ax = axes[0][1]
+        for r, row in pretrains.items():
+            key = next(k.removesuffix("_max") for k in row["pretrain"] if k.endswith("_max"))
+            ax.plot(*eval_curve(Path(row["pretrain_dir"]), key), marker=".", markersize=3, label=r)
+            ax.set_ylabel(f"pre-train {key} (%)")
+        ax.set_xlabel("pre-train step")
+        _top1_axes(ax, ax.get_ylabel())
+        ax.set_title("each pre-train's own held-out top-1", fontsize=9)
     _save(plt, fig, path)
 
 
