@@ -328,7 +328,7 @@ def summary_table(grid: Grid, cells: dict) -> list[str]:
                 continue
             final = _mean_std(next(iter(row["models"].values()))["final"])
             out.append(final + (f" ({_mean_std(row['early'])})" if row["early"] is not None else ""))
-        lines.append("| " + " | ".join([r, *out, *([f"{paper[r]:g}" if r in paper else "—"] if paper else [])])
+        lines.append("| " + " | ".join([r, *out, *([f"{paper[r]:.1f}" if r in paper else "—"] if paper else [])])
                      + " |")
     early = (f"; in brackets the top-1 at {grid.early:g} of the run's steps (the early point of the same schedule)"
              if grid.early is not None else "")
