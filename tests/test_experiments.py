@@ -100,7 +100,7 @@ def test_a_failing_run_or_an_unknown_arm_stops_the_grid_with_one_line(tmp_path, 
         experiments.run_grid("bootstrap_digits", 1, tmp_path, arms=["nope"])
     monkeypatch.setitem(experiments.GRIDS, "tiny", TINY)
     with pytest.raises(SystemExit, match=r"the run in .*pretrain_Δ_0.1 failed \(exit 2\); its log: .*_0.1\.log"):
-        experiments.run_grid("tiny", 1, tmp_path, pretrain_extra=("--config.batch_size=0",))
+        experiments.run_grid("tiny", 1, tmp_path, arms=[ARM], pretrain_extra=("--config.batch_size=0",))
     assert "batch_size" in (tmp_path / "tiny" / "pretrain_Δ_0.1.log").read_text()
 
 
