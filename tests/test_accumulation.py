@@ -44,10 +44,10 @@ def trained(tmp_path, accum: int):
 
 def test_accumulated_steps_train_as_one_big_step(tmp_path):
     one = trained(tmp_path, 1)
-    for k in (2, 4):
-        state = trained(tmp_path, k).state
-        for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(state.params), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
+    # k = 4 alone (k = 2 as well cost a third of the test): a k-specific slip such as dividing by 2 still fails it
+    state = trained(tmp_path, 4).state
+    for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(state.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
     # the updates are not trivially small: the params moved far more than the tolerance
     initial = jax.jit(vit_task().init_variables)(loop.stream_key(0, loop._INIT_STREAM))["params"]
     moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(initial),
