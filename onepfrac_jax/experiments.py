@@ -150,7 +150,7 @@ GRIDS = {
 
 
 # fdsl_cifar100: a tenth of the paper's budget (SPEC §A4: 312,500 pre-train steps of 256) and of the fine-tune
-# config's 1,000 epochs (docs/reproducing.md: about N hours on one H100).
+# config's 1,000 epochs (docs/reproducing.md: 1–3 h on one A100, 0.3–1 h on one H100, from gpu_step's FLOPs).
 C100_PRETRAIN_STEPS = 31_250
 C100_FINETUNE_EPOCHS = 100
 _C100 = "CIFAR-100 fine-tune"
@@ -226,7 +226,8 @@ def run_grid(name: str, seeds: int, out: Path, arms: list[str] | None = None, ex
             "steps": results[0]["total_steps"],
             "ran": " — then ".join([*([f"pre-train {describe_run(pre_dir)}"] if pre is not None else []),
                                    describe_run(base / "seed0")]),
-            "early": ([early_top1(base / f"seed{s}", arm.metrics[0][1], grid.early) for s in range(seeds)]
+            "early": ([early_top1(base / f"seed{s}", arm.metrics[0][1], grid.early * r["total_steps"])
+                       for s, r in enumerate(results)]
                       if grid.early is not None and len(arm.metrics) == 1 else None),
             "cell": arm.cell,
             "pretrain_dir": str(pre_dir) if pre is not None else None,
@@ -300,11 +301,15 @@ def write_results(name: str, grid: Grid, table: dict, root: Path, seeds: int, ar
     print(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def early_top1(run_dir: Path, key: str, fraction: float) -> float:
-    """The run's held-out top-1 at its first evaluation at or past `fraction` of its steps."""
+def early_top1(run_dir: Path, key: str, step: float) -> float:
+    """The run's held-out top-1 at its first evaluation at or past `step`."""
     steps, values = eval_curve(run_dir, key)
-    total = json.loads((run_dir / "result.json").read_text())["total_steps"]
-    return float(values[np.flatnonzero(steps >= fraction * total)[0]])
+    return float(values[np.flatnonzero(steps >= step)[0]])
+
+
+def _finals(row: dict) -> list[float]:
+    """The final top-1 of each seed of a summary cell (an arm of one model)."""
+    return next(iter(row["models"].values()))["final"]
 
 
 def _cell_order(cells: dict) -> tuple[list[str], list[str]]:
@@ -326,7 +331,7 @@ def summary_table(grid: Grid, cells: dict) -> list[str]:
             if row is None:
                 out.append("—")
                 continue
-            final = _mean_std(next(iter(row["models"].values()))["final"])
+            final = _mean_std(_finals(row))
             out.append(final + (f" ({_mean_std(row['early'])})" if row["early"] is not None else ""))
         lines.append("| " + " | ".join([r, *out, *([f"{paper[r]:.1f}" if r in paper else "—"] if paper else [])])
                      + " |")
@@ -348,11 +353,11 @@ def _summary_chart(name: str, grid: Grid, cells: dict, path: Path) -> None:
     x = np.arange(len(swept))
     for i, c in enumerate(columns):
         color = f"C{i}"
-        points = [(j, np.mean(next(iter(cells[(r, c)]["models"].values()))["final"]))
+        points = [(j, np.mean(_finals(cells[(r, c)])))
                   for j, r in enumerate(swept) if (r, c) in cells]
         ax.plot([j for j, _ in points], [v for _, v in points], marker="o", color=color, label=c)
         if ("scratch", c) in cells:
-            ax.axhline(np.mean(next(iter(cells[("scratch", c)]["models"].values()))["final"]), color=color,
+            ax.axhline(np.mean(_finals(cells[("scratch", c)])), color=color,
                        linestyle="--", linewidth=1)
     if grid.paper is not None:
         title, paper = grid.paper
@@ -364,12 +369,12 @@ def _summary_chart(name: str, grid: Grid, cells: dict, path: Path) -> None:
     ax.set_title(f"{name}: final top-1 by pre-train (dashed: the same read-out from scratch)", fontsize=9)
     if pretrains:
         ax = axes[0][1]
+        keys = {r: next(k.removesuffix("_max") for k in row["pretrain"] if k.endswith("_max"))
+                for r, row in pretrains.items()}
         for r, row in pretrains.items():
-            key = next(k.removesuffix("_max") for k in row["pretrain"] if k.endswith("_max"))
-            ax.plot(*eval_curve(Path(row["pretrain_dir"]), key), marker=".", markersize=3, label=r)
-            ax.set_ylabel(f"pre-train {key} (%)")
+            ax.plot(*eval_curve(Path(row["pretrain_dir"]), keys[r]), marker=".", markersize=3, label=r)
         ax.set_xlabel("pre-train step")
-        _top1_axes(ax, ax.get_ylabel())
+        _top1_axes(ax, f"pre-train {' / '.join(sorted(set(keys.values())))} (%)")
         ax.set_title("each pre-train's own held-out top-1", fontsize=9)
     _save(plt, fig, path)
 
