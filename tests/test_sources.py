@@ -286,14 +286,28 @@ def test_the_default_install_reads_tfds_and_names_the_build_command(tmp_path):
         sources.make_source(section, "train")
 
 
-def test_digits_are_uint8_rgb_with_ten_classes():
+def test_digits_are_uint8_rgb_with_ten_classes_read_as_scikit_learn_reads_them():
+    from sklearn.datasets import load_digits
+
     train, val = sources.DigitsSource("train", 16), sources.DigitsSource("val", 16)
+    # read from scikit-learn's file without importing it: the same images and labels as its own loader
+    digits = load_digits()
+    assert (np.concatenate([train.labels, val.labels]) == digits.target).all()
+    scaled = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    assert (np.concatenate([train.images, val.images]) == scaled).all()
     assert len(train) + len(val) == 1797 and len(val) == 360
     assert train.num_classes == 10 and set(val.labels.tolist()) == set(range(10))
     images = np.stack([train[i]["image"] for i in range(50)])
     assert images.shape == (50, 16, 16, 3) and images.dtype == np.uint8
     assert images.min() == 0 and images.max() == 255
     assert (images[..., 0] == images[..., 2]).all()
+
+
+def test_without_scikit_learn_the_bundled_sets_name_the_install(monkeypatch):
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    for source in (sources.DigitsSource, sources.PhotoCropsSource):
+        with pytest.raises(ConfigError, match="pip install scikit-learn"):
+            source("train", 8)
 
 
 def test_photo_crops_are_keyed_crops_of_the_bundled_photos_with_no_val_pixel_seen_in_training():

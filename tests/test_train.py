@@ -90,6 +90,32 @@ def test_float16_loss_scaling_skips_overflowing_steps(tmp_path):
     assert float(after.loss_scale) == float(before.loss_scale) / 2 == 2.0**14
 
 
+def test_a_replicated_array_is_split_among_replicas_only_from_a_mib_each(tmp_path, monkeypatch):
+    """Orbax's replica-parallel write slices each replicated array, one compiled program per shape: only arrays of
+    at least checkpoint.REPLICA_PARALLEL_MIN_BYTES per replica are split; what is saved reads back the same."""
+    from orbax.checkpoint._src.serialization import replica_slices
+
+    from onepfrac_jax.train import checkpoint
+
+    sliced = []
+    original = replica_slices.jax.lax.slice_in_dim
+    monkeypatch.setattr(replica_slices.jax.lax, "slice_in_dim",
+                        lambda x, *args, **kwargs: sliced.append(x.shape) or original(x, *args, **kwargs))
+    replicated = jax.sharding.NamedSharding(make_data_mesh(), jax.sharding.PartitionSpec())
+    devices = len(jax.devices())
+    big = checkpoint.REPLICA_PARALLEL_MIN_BYTES * devices // 4  # float32: exactly the threshold per replica
+    state = {"small": jax.device_put(jnp.arange(256.0).reshape(16, 16), replicated),
+             "big": jax.device_put(jnp.arange(big, dtype=jnp.float32).reshape(devices * 8, -1), replicated)}
+    checkpoints = Checkpoints(tmp_path / "checkpoints", 1)
+    checkpoints.save(1, state, {})
+    checkpoints.wait()
+    restored, _ = checkpoints.restore(1, state)
+    checkpoints.close()
+    assert sliced and set(sliced) == {state["big"].shape}
+    for name in state:
+        np.testing.assert_array_equal(restored[name], state[name])
+
+
 @pytest.mark.slow
 def test_resume_rules(tmp_path):
     workdir = tmp_path / "run"

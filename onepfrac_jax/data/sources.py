@@ -13,6 +13,8 @@ the whole image): bicubic for files, TFDS and photo crops (timm's interpolation)
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
 import os
 import stat
@@ -36,6 +38,17 @@ DIGITS_TRAIN_FRACTION = 0.8
 PHOTO_GRID = (4, 5)  # photo_crops: regions (classes) per photo, rows × columns
 PHOTO_CROPS_PER_CLASS = {"train": 48, "val": 12}
 _PHOTO_STREAM = {"train": 0, "val": 1}  # photo_crops' generator keys: the splits draw apart
+PHOTOS = ("china", "flower")  # photo_crops' photographs: scikit-learn's sklearn/datasets/images/<name>.jpg
+
+
+def _sklearn_file(*parts: str) -> Path:
+    """A data file that scikit-learn ships under sklearn/datasets/, found without importing scikit-learn (its import
+    costs a second: every digits run paid it)."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the digits and photo_crops sources read files that scikit-learn ships: "
+                          "pip install scikit-learn (requirements.txt)")
+    return Path(spec.submodule_search_locations[0], "datasets", *parts)
 _VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
 
 # PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
@@ -269,19 +282,18 @@ class DigitsSource:
     """
 
     def __init__(self, split: str, image_size: int, fraction: float = 1.0):
-        from sklearn.datasets import load_digits
-
         _require_split(split, ("train", "val"), "digits")
         require(image_size > 0, f"image_size={image_size} must be positive")
-        digits = load_digits()
-        images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        with gzip.open(_sklearn_file("data", "digits.csv.gz"), "rt") as f:
+            table = np.loadtxt(f, delimiter=",")  # 1,797 rows: 64 pixels of 0..16, then the digit
+        images = np.rint(table[:, :-1].reshape(-1, 8, 8) * (255.0 / 16.0)).astype(np.uint8)
         cut = int(DIGITS_TRAIN_FRACTION * len(images))
         part = slice(None, cut) if split == "train" else slice(cut, None)
-        images, labels = images[part], digits.target[part].astype(np.int32)
+        images, labels = images[part], table[part, -1].astype(np.int32)
         keep = per_class_subset(labels, fraction)
         self.images, self.labels = images[keep], labels[keep]
         self.image_size = image_size
-        self.class_names = tuple(str(name) for name in digits.target_names)
+        self.class_names = tuple(str(digit) for digit in range(10))
         self.num_classes = len(self.class_names)
 
     def __len__(self) -> int:
@@ -306,16 +318,14 @@ class PhotoCropsSource:
     """
 
     def __init__(self, split: str, image_size: int, fraction: float = 1.0):
-        from sklearn.datasets import load_sample_images
-
         _require_split(split, ("train", "val"), "photo_crops")
         require(image_size > 0, f"image_size={image_size} must be positive")
-        photos = load_sample_images()
         rows, cols = PHOTO_GRID
         per_class = PHOTO_CROPS_PER_CLASS[split]
         images, labels, names, boxes = [], [], [], []
-        for index, (photo, filename) in enumerate(zip(photos.images, photos.filenames, strict=True)):
-            stem = Path(filename).stem
+        for index, stem in enumerate(PHOTOS):
+            with Image.open(_sklearn_file("images", f"{stem}.jpg")) as jpeg:
+                photo = np.asarray(jpeg)
             height, width = photo.shape[0] // rows, photo.shape[1] // cols
             half = width // 2
             for r in range(rows):
