@@ -39,6 +39,11 @@ PHOTO_GRID = (4, 5)  # photo_crops: regions (classes) per photo, rows × columns
 PHOTO_CROPS_PER_CLASS = {"train": 48, "val": 12}
 _PHOTO_STREAM = {"train": 0, "val": 1}  # photo_crops' generator keys: the splits draw apart
 PHOTOS = ("china", "flower")  # photo_crops' photographs: scikit-learn's sklearn/datasets/images/<name>.jpg
+_VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
+
+# PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
+# SyntaxError/ValueError on bad headers, and DecompressionBombError stands alone.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 def _sklearn_file(*parts: str) -> Path:
@@ -49,11 +54,6 @@ def _sklearn_file(*parts: str) -> Path:
         raise ConfigError("the digits and photo_crops sources read files that scikit-learn ships: "
                           "pip install scikit-learn (requirements.txt)")
     return Path(spec.submodule_search_locations[0], "datasets", *parts)
-_VERIFY_CHUNK = 64  # files per verification task: few tasks for a million files, still even across threads
-
-# PIL's errors for unreadable files: UnidentifiedImageError and truncation are OSErrors, some plugins raise
-# SyntaxError/ValueError on bad headers, and DecompressionBombError stands alone.
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class Source(Protocol):

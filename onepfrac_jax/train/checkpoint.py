@@ -166,9 +166,9 @@ def _is_closed_loop_error(error: BaseException | None) -> bool:
     return isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
 
 
-# Orbax splits the write of a replicated array among its replicas ("replica-parallel"; its default off GPUs). Each
-# split compiles a slice program per array shape, on every save's first pass in a process: 60 programs, 2.4 s, for a
-# tiny bootstrap run over 4 CPU devices. Below a MiB per replica one replica writes the array whole.
+# Orbax splits the write of a replicated array among its replicas ("replica-parallel": its default unless
+# JAX_PLATFORMS names a GPU). Each split compiles a slice program per array shape at a process's first save: 60
+# programs, 2.4 s, for a tiny bootstrap run over 4 CPU devices. Below a MiB per replica, one replica writes it whole.
 REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 
