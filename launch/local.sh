@@ -11,11 +11,18 @@
 # Environment: PYTHON     interpreter (default: python)
 #              PORT       coordinator port on localhost (default: a free one)
 #              LOG_DIR    where processes 1.. log (default: a new directory under ${TMPDIR:-/tmp})
-#              ENTRY      script to run instead of main.py (it must call onepfrac_jax.train.distributed.initialize)
+#              ENTRY      script to run instead of main.py (it must call onepfrac_jax.parallel.distributed.initialize)
+#              STOP_GRACE seconds the others have, once one process fails, to save and exit after SIGTERM before
+#                         they get SIGKILL (default 10)
 set -euo pipefail
 
 if [[ $# -lt 2 || ! $1 =~ ^[1-9][0-9]*$ || ! $2 =~ ^[1-9][0-9]*$ ]]; then
   echo "usage: $0 NPROC DEVICES_PER_PROCESS [main.py args...]   (see the comment at the top of $0)" >&2
+  exit 2
+fi
+grace=${STOP_GRACE:-10}
+if [[ ! $grace =~ ^[0-9]+$ ]]; then
+  echo "$0: STOP_GRACE=$grace must be a whole number of seconds" >&2
   exit 2
 fi
 nproc=$1
@@ -33,8 +40,8 @@ pids=()
 stop_all() {
   local pid
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
-  # SIGTERM lets a process save; one stuck in a collective with a dead peer gets SIGKILL after 10 s.
-  for _ in $(seq 50); do
+  # SIGTERM lets a process save; one stuck in a collective with a dead peer gets SIGKILL after STOP_GRACE s.
+  for _ in $(seq $((grace * 5))); do
     local alive=0
     for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
     ((alive)) || return 0

@@ -275,15 +275,19 @@ def test_local_sh_runs_processes_with_process_0_on_the_console(tmp_path):
 
 @pytest.mark.multiprocess
 def test_local_sh_stops_the_others_and_fails_when_one_process_fails(tmp_path):
-    result, seconds = launch(tmp_path, "local.sh", "2", "1", "fail")
+    # process 0 sleeps 120 s with SIGTERM owned by JAX's preemption service: only the SIGKILL after STOP_GRACE ends it
+    result, seconds = launch(tmp_path, "local.sh", "2", "1", "fail", env={"STOP_GRACE": "1"})
     assert result.returncode == 3, result.stderr[-3000:]
     assert f"process 1 exited with status 3 (its output: {tmp_path / 'logs' / 'process_1.log'})" in result.stderr
-    assert seconds < 60  # process 0 would sleep 120 s
+    assert seconds < 60
 
 
 def test_local_sh_usage():
     result = subprocess.run(["launch/local.sh", "two"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
+    result = subprocess.run(["launch/local.sh", "2", "1"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "STOP_GRACE": "soon"})
+    assert result.returncode == 2 and "STOP_GRACE=soon must be a whole number of seconds" in result.stderr
 
 
 # Stand-ins for srun and mpirun: N local tasks with the variables each launcher gives its tasks (one node).
