@@ -118,6 +118,8 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def test_exact_resume_after_sigkill(tmp_path):
     reference = run_cli("configs/pretrain.py:demo", tmp_path / "a", SLOW, timeout=600)
     assert reference.returncode == 0, reference.stderr[-2000:]
+    # a run that goes well logs no warning or error line (absl's W/E prefix): one would be noise in every run
+    assert not re.findall(r"^[WE]\d{4} .*", reference.stderr, re.MULTILINE)
     proc = started(tmp_path / "b", SLOW)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL

@@ -174,12 +174,14 @@ REPLICA_PARALLEL_MIN_BYTES = 1 << 20
 
 @functools.cache
 def _split_only_large_arrays() -> None:
-    """Orbax's default jax.Array handler (with its per-host array metadata), with the threshold above."""
+    """Orbax's default jax.Array handler (with its per-host array metadata), with the threshold above, in place of
+    its default (quietly: `register_type_handler` would log a warning in every run)."""
     from orbax.checkpoint._src.metadata import array_metadata_store
+    from orbax.checkpoint._src.serialization import type_handler_registry
 
-    ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
         array_metadata_store=array_metadata_store.Store(),
-        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True)
+        min_slice_bytes_for_replica_parallel=REPLICA_PARALLEL_MIN_BYTES), override=True, ignore_warnings=True)
 
 
 @functools.cache
