@@ -286,7 +286,7 @@ def test_local_sh_usage():
     result = subprocess.run(["launch/local.sh", "two"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "usage:" in result.stderr
     result = subprocess.run(["launch/local.sh", "2", "1"], cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, "STOP_GRACE": "soon"})
+                            env=clean_env({"STOP_GRACE": "soon"}))
     assert result.returncode == 2 and "STOP_GRACE=soon must be a whole number of seconds" in result.stderr
 
 
