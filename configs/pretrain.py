@@ -94,6 +94,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 5000
     c.eval_every_steps = 5000  # bank_top1: top-1 on the L clean bank images (0 would be once per epoch of L)
     c.log_every_steps = 100
+    # DIR/augmented_batch.png, step 0's batch as the model sees it, written before step 1; the batch maker it runs
+    # is a program of its own, compiled for the picture alone (seconds), so a run that needs no picture skips it
+    c.batch_picture = True
     c.augment = paper_augment(224)
     apply_overrides(c, VARIANTS[c.variant])
     c.augment.size = c.get_ref("image_size")  # follows --config.image_size

@@ -77,31 +77,54 @@ TESTS = Path(__file__).resolve().parent
 _GROUPS = SESSION_DIR / "xdist-groups.json"
 
 
-def _shared_fixture(item: pytest.Item) -> str | None:
-    """The first module- or session-scoped fixture of this suite that the test uses: work done once per process."""
+def _shared_work(item: pytest.Item) -> list[str]:
+    """What this test shares with others that one process does once: the module- and session-scoped fixtures of
+    this suite it uses, and the programs its parametrized function compiles (its other cases read them from the
+    cache when they run after it, not beside it on the other worker)."""
+    shared = []
     for name in sorted(item.fixturenames):
         defs = item._fixtureinfo.name2fixturedefs.get(name)
         if defs and defs[-1].scope != "function" and Path(inspect.getfile(defs[-1].func)).parent == TESTS:
-            return name
-    return None
+            shared.append(name)
+    if hasattr(item, "callspec"):
+        shared.append(f"{item.module.__name__}.{item.originalname}")
+    return shared
+
+
+def _work_units(items: Sequence[pytest.Item]) -> dict[str, str]:
+    """node id → its unit of work, for the tests that share work: the tests joined by what they share (directly or
+    through another test) are one unit, named by one of its tests."""
+    parent: dict[str, str] = {}
+
+    def root(key: str) -> str:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    sharing = []
+    for item in items:
+        for shared in _shared_work(item):
+            parent[root(shared)] = root(item.nodeid)
+            sharing.append(item.nodeid)
+    return {nodeid: root(nodeid) for nodeid in sharing}
 
 
 def pytest_collection_modifyitems(config, items) -> None:
     """Under pytest-xdist (pyproject's addopts: `-n 2`) the slow tests are handed out first, so that the last ones
-    left are short and both workers end together; and each worker writes which tests share a run of a module or
-    session fixture, for pytest_xdist_make_scheduler to send them to one worker."""
+    left are short and both workers end together; and each worker writes which tests share work (a module or
+    session fixture's run, a parametrized function's programs), for pytest_xdist_make_scheduler to send them to
+    one worker."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         return
     items.sort(key=lambda item: 0 if item.get_closest_marker("multiprocess") else
                1 if item.get_closest_marker("slow") else 2)
-    groups = {item.nodeid: shared for item in items if (shared := _shared_fixture(item)) is not None}
     part = _GROUPS.with_name(f"{_GROUPS.name}.{os.getpid()}")  # the workers write the same: each renames its own
-    part.write_text(json.dumps(groups))
+    part.write_text(json.dumps(_work_units(items)))
     part.replace(_GROUPS)
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """xdist's `load` scheduling, except that the tests sharing a module or session fixture are one unit of work.
+    """xdist's `load` scheduling, except that the tests sharing work (`_work_units`) are one unit of work.
 
     (xdist's own `--dist loadgroup` groups by renaming node ids, which pytest 9.2 no longer reads: pytest-xdist
     issue #1386.) The controller collects nothing; it reads the groups its workers wrote once they have collected.
@@ -128,8 +151,11 @@ def pytest_xdist_make_scheduler(config, log):
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2, "mlp_dim": 64}
+# No augmented_batch.png (its batch maker compiles apart from the step): test_pretrain_eval and test_fdsl_datasets
+# check the picture.
 TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image_size": 16, "batch_size": 8,
-                 "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, **TINY_MODEL}
+                 "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, "batch_picture": False,
+                 **TINY_MODEL}
 TINY_PRETRAIN_RUN = {**TINY_PRETRAIN, "keep_checkpoints": 5}  # tiny_pretrain_run's overrides of the demo
 TWO_PROCESS_PRETRAIN = {**TINY_PRETRAIN, "total_steps": 6}  # pretrain_runs' overrides of the demo
 BOOTSTRAP_DIM, BOOTSTRAP_DEPTH = 48, 2  # tiny_bootstrap_config's ViT and agent
@@ -169,7 +195,8 @@ def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 
 
 def tiny_bootstrap_config(mode: str, /, **overrides):
-    """configs/bootstrap.py's digits demo shrunk to 16² images, width 48, 2 blocks, 30 steps of 32."""
+    """configs/bootstrap.py's digits demo shrunk to 16² images, width 48, 2 blocks, 30 steps of 32 (checkpoints at
+    steps 15 and 30; one evaluation, at the end: an epoch of digits is 45 steps)."""
     from onepfrac_jax.configs import bootstrap as bootstrap_configs
 
     from onepfrac_jax.config import apply_overrides
@@ -177,7 +204,7 @@ def tiny_bootstrap_config(mode: str, /, **overrides):
     c = bootstrap_configs.get_config(f"digits_demo_{mode}")
     dims = dict(embed_dim=BOOTSTRAP_DIM, depth=BOOTSTRAP_DEPTH, num_heads=6)
     c.update(dict(image_size=16, patch_size=4, mlp_dim=2 * BOOTSTRAP_DIM, batch_size=32, total_steps=30,
-                  log_every_steps=6, checkpoint_every_steps=30, **dims))
+                  log_every_steps=6, checkpoint_every_steps=15, **dims))
     c.data.image_size = 16
     c.agent.update(dims)
     return apply_overrides(c, overrides)
@@ -217,14 +244,25 @@ def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
     return {name: root / name for name in runs}
 
 
-@pytest.fixture(scope="session", params=["joint", "shared"])
-def bootstrap_run(request, tmp_path_factory) -> tuple[str, Path]:
-    """(mode, workdir) of a finished tiny_bootstrap_config run on digits, over all devices."""
+def _bootstrap(mode: str, tmp_path_factory) -> Path:
     from onepfrac_jax.stages import bootstrap
 
-    workdir = tmp_path_factory.mktemp(f"bootstrap_{request.param}") / "run"
-    bootstrap.run(tiny_bootstrap_config(request.param), str(workdir))
-    return request.param, workdir
+    workdir = tmp_path_factory.mktemp(f"bootstrap_{mode}") / "run"
+    bootstrap.run(tiny_bootstrap_config(mode), str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def shared_bootstrap_run(tmp_path_factory) -> Path:
+    """A finished tiny_bootstrap_config('shared') run on digits, over all devices."""
+    return _bootstrap("shared", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=["joint", "shared"])
+def bootstrap_run(request, shared_bootstrap_run, tmp_path_factory) -> tuple[str, Path]:
+    """(mode, workdir) of a finished tiny_bootstrap_config run on digits, over all devices (the shared one is
+    shared_bootstrap_run)."""
+    return request.param, shared_bootstrap_run if request.param == "shared" else _bootstrap("joint", tmp_path_factory)
 
 
 # ------------------------------------------------------------------------------------------------ main.py ----

@@ -1,12 +1,13 @@
 """The export stage: any kept checkpoint of a run → WORKDIR/export/, what the run writes to its export/, while it
 trains, from any topology; the folder loads in one line with timm's `local-dir:`.
 
-One reference pre-train (a subprocess, as main.py runs it) serves every test but the 2-process one, which exports
-conftest's 2-process `pretrain_runs`; the test that exports while a run trains starts a twin of the reference and
-compares the two at the end.
+One reference pre-train (a subprocess, as main.py runs it) serves the pre-train tests but the 2-process one, which
+exports conftest's 2-process `pretrain_runs`; the test that exports while a run trains starts a twin of the reference
+and compares the two at the end. The bootstrap test exports conftest's `shared_bootstrap_run`.
 """
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -20,28 +21,26 @@ import pytest
 import safetensors.numpy
 import timm
 import torch
-from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, csv_rows, main_argv
-from onepfrac_jax.configs import bootstrap as bootstrap_configs
+from conftest import ROOT, TINY_PRETRAIN, assert_one_error, clean_env, csv_rows, main_argv, tiny_bootstrap_config
 from onepfrac_jax.configs import export as export_configs
 from safetensors import safe_open
 
 from onepfrac_jax import inference
 from onepfrac_jax.config import ConfigError
 from onepfrac_jax.data.augment import augment_config, eval_transform
-from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.rundir import read_run_config
-from onepfrac_jax.stages import bootstrap
 from onepfrac_jax.stages import export as export_stage
 from onepfrac_jax.train import classify, pair
 from onepfrac_jax.train.checkpoint import load_variables, read_checkpoint
 
 pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
 
-# 120 steps, a checkpoint every 4, the last 2 kept: seconds of training during which checkpoints appear and vanish;
+# 40 steps, a checkpoint every 4, the last 2 kept: a second or two of training during which checkpoints appear and
+# vanish (and a dozen exports are taken);
 # a constant learning rate after the warm-up (cosine from lr to min_lr = lr), so the last steps still move weights.
-RUN = {**TINY_PRETRAIN, "total_steps": 120, "checkpoint_every_steps": 4, "keep_checkpoints": 2,
+RUN = {**TINY_PRETRAIN, "total_steps": 40, "checkpoint_every_steps": 4, "keep_checkpoints": 2,
        "log_every_steps": 10, "optim.min_lr": 1e-3}
-KEPT = [116, 120]
+KEPT = [36, 40]
 EXPORT_FILES = ["config.json", "model.pth", "model.safetensors", "timm.json"]
 TIMEOUT = 300
 
@@ -60,6 +59,13 @@ class Started:
         assert self.proc.wait(timeout=TIMEOUT) == 0, self.log.read_text()[-3000:]
         return self.workdir
 
+    def wait_until_training(self) -> None:
+        """Returns once the run has logged a step (its programs compiled and in the session's cache) or has ended."""
+        deadline = time.monotonic() + TIMEOUT
+        while not re.search(r"\] step \d+/", self.log.read_text()) and self.proc.poll() is None:
+            assert time.monotonic() < deadline, f"no step logged after {TIMEOUT} s"
+            time.sleep(0.05)
+
     def wait_for(self, path: Path) -> None:
         deadline = time.monotonic() + TIMEOUT
         while not path.exists():
@@ -70,7 +76,8 @@ class Started:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Started:
-    """Started at once and waited for only where a test needs it finished, so it trains beside the twin run."""
+    """Started at once and waited for only where a test needs it finished, so it trains beside the twin run (which
+    starts once the reference has compiled, and reads its programs from the cache)."""
     started = Started(tmp_path_factory.mktemp("reference") / "run", RUN)
     yield started
     started.proc.kill()
@@ -129,6 +136,7 @@ def timm_logits(net: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- while training
 
 def test_exporting_while_the_run_trains_leaves_its_result_bitwise_unchanged(reference, tmp_path):
+    reference.wait_until_training()  # the twin then reads the reference's compiled programs from the cache
     twin = Started(tmp_path / "run", RUN)
     twin.wait_for(twin.workdir / "checkpoints" / "4")
     exports = []  # (exported step, whether the run was still training when the export had been written)
@@ -142,7 +150,7 @@ def test_exporting_while_the_run_trains_leaves_its_result_bitwise_unchanged(refe
     assert len(during) >= 2 and during == sorted(during), exports
     mine, theirs = twin.finished(), reference.finished()
     curves = lambda w: [(r["step"], r["loss"], r["lr"]) for r in csv_rows(w / "metrics.csv")]
-    assert curves(mine) == curves(theirs) and len(curves(mine)) == 12
+    assert curves(mine) == curves(theirs) and len(curves(mine)) == 4
     for x, y in zip(jax.tree.leaves(load_variables(mine)), jax.tree.leaves(load_variables(theirs)), strict=True):
         np.testing.assert_array_equal(x, y)
     assert same_bytes(mine / "export", theirs / "export", EXPORT_FILES)
@@ -188,18 +196,18 @@ def test_a_checkpoint_being_written_or_damaged_is_never_read(reference, tmp_path
     run = tmp_path / "run"
     shutil.copytree(reference.finished(), run)
     checkpoints = run / "checkpoints"
-    # how Orbax writes step 124: a temporary folder, renamed when complete
-    shutil.copytree(checkpoints / "120", checkpoints / "124.orbax-checkpoint-tmp-1764660000")
+    # how Orbax writes step 44: a temporary folder, renamed when complete
+    shutil.copytree(checkpoints / "40", checkpoints / "44.orbax-checkpoint-tmp-1764660000")
     step, _, _ = read_checkpoint(run)
-    assert step == 120
-    with pytest.raises(ConfigError, match=r"keeps no checkpoint at step 124; the kept steps: 116, 120$"):
-        read_checkpoint(run, 124)
-    for data in (checkpoints / "120" / "state").rglob("d/*"):  # truncated arrays
+    assert step == 40
+    with pytest.raises(ConfigError, match=r"keeps no checkpoint at step 44; the kept steps: 36, 40$"):
+        read_checkpoint(run, 44)
+    for data in (checkpoints / "40" / "state").rglob("d/*"):  # truncated arrays
         data.write_bytes(data.read_bytes()[:7])
     before = snapshot(run)
-    with pytest.raises(ConfigError, match=r"the checkpoint at step 120 in .* cannot be read"):
-        read_checkpoint(run, 120)
-    assert read_checkpoint(run)[0] == 116  # the latest readable; reported, not set aside as a resume does
+    with pytest.raises(ConfigError, match=r"the checkpoint at step 40 in .* cannot be read"):
+        read_checkpoint(run, 40)
+    assert read_checkpoint(run)[0] == 36  # the latest readable; reported, not set aside as a resume does
     assert snapshot(run) == before
 
 
@@ -213,7 +221,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(reference, tmp_path):
     cases = {
         "not_a_run": ({"run": tmp_path / "not_a_run"}, tmp_path / "a", "is not a run directory"),
         "step": ({"run": source, "step": 7}, tmp_path / "b",
-                 f"{source} keeps no checkpoint at step 7; the kept steps: 116, 120"),
+                 f"{source} keeps no checkpoint at step 7; the kept steps: 36, 40"),
         "full": ({"run": source}, tmp_path / "full", "is not empty and holds no run of this project"),
         "earlier": ({"run": source}, tmp_path / "earlier", "already holds an export run; pass --config.overwrite"),
         "nested": ({"run": source, "overwrite": True}, source / "export", "export never writes into the run"),
@@ -234,15 +242,9 @@ def test_bad_input_is_one_error_line_and_writes_nothing(reference, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ bootstrap
 
-def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(tmp_path):
-    c = bootstrap_configs.get_config("digits_demo_shared")
-    c.update(dict(image_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=6, mlp_dim=48, batch_size=8,
-                  total_steps=2, checkpoint_every_steps=1, log_every_steps=1, eval_every_steps=2))
-    c.data.image_size = 16
-    c.agent.update(dict(embed_dim=24, depth=1, num_heads=6))
-    source = tmp_path / "run"
-    bootstrap.run(c, str(source), make_data_mesh(jax.devices()[:1]))
-    last, first = export(source, tmp_path / "last"), export(source, tmp_path / "first", step=1)
+def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(shared_bootstrap_run, tmp_path):
+    source = shared_bootstrap_run  # checkpoints at steps 15 and 30, evaluated at 30
+    last, first = export(source, tmp_path / "last"), export(source, tmp_path / "first", step=15)
     assert set(last.files) == {"safetensors", "config", "pth", "json", "agent"}
     assert same_bytes(tmp_path / "last" / "export", source / "export", ["agent.pth", *EXPORT_FILES])
     # agent.safetensors: the same tensors and metadata (safetensors orders its metadata keys at random, so not bytes)
@@ -250,13 +252,13 @@ def test_a_shared_bootstrap_run_exports_its_vit_and_materialised_agent(tmp_path)
     assert agent_file(tmp_path / "first" / "export")[1] != agent_file(source / "export")[1]
     # the ViT loads in one line from timm's local-dir: and gives the run's ViT logits
     x = np.random.default_rng(2).normal(size=(2, 16, 16, 3)).astype(np.float32)
-    vit, _ = pair.build_models(c, 10)
+    vit, _ = pair.build_models(tiny_bootstrap_config("shared"), 10)
     ours = vit.apply({"params": load_variables(source)["params"]["vit"]}, jnp.asarray(x))
     assert np.abs(ours).max() > 0.1
     np.testing.assert_allclose(timm_logits(local_dir_net(source / "export"), x), ours, rtol=0, atol=1e-4)
     # the evaluations saved with the checkpoint, up to the exported step
-    assert [row["step"] for row in last.history] == [2] and first.history == []
-    assert classify.head_classes(load_variables(source, 1)["params"]["vit"]) == 10
+    assert [row["step"] for row in last.history] == [30] and first.history == []
+    assert classify.head_classes(load_variables(source, 15)["params"]["vit"]) == 10
 
 
 # ----------------------------------------------------------------------------------------- 2 processes x 2

@@ -135,6 +135,11 @@ def test_a_bad_dataset_is_one_clear_error(tmp_path):
     config.update(dict(data_mode="bank", weight_step=0.5))
     with pytest.raises(ConfigError, match=r"weight_step=0.5 must lie in \(0, 0.5\)"):
         pretrain.validate(config)
+    config.weight_step = 0.2
+    del config["batch_picture"]  # past ml_collections' type check, as a config built in code can be
+    config.batch_picture = "yes"
+    with pytest.raises(ConfigError, match=r"batch_picture='yes' must be True or False"):
+        pretrain.validate(config)
 
 
 @pytest.mark.parametrize("dataset", ["1p-frac", "ofdb", "fractaldb"])
@@ -147,4 +152,4 @@ def test_a_short_pretrain_on_each_dataset_logs_bank_top1(tmp_path, dataset):
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert [h["step"] for h in result["history"]] == [2, 4]
     assert 0 <= result["bank_top1_final"] <= 100
-    assert (tmp_path / "run" / bank_task.BATCH_PNG).exists()
+    assert (tmp_path / "run" / bank_task.BATCH_PNG).exists()  # batch_picture's default

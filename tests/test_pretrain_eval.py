@@ -34,7 +34,7 @@ def pretrain_config(**overrides):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     workdir = tmp_path_factory.mktemp("pretrain") / "run"
-    config = pretrain_config()
+    config = pretrain_config(batch_picture=True)  # TINY_PRETRAIN leaves it out; test_the_batch_picture_... reads it
     pretrain.run(config, str(workdir), make_data_mesh(jax.devices()[:4]))
     return workdir, config
 
@@ -69,6 +69,7 @@ def test_a_short_pretrain_learns_its_classes(tmp_path):
                              image_size=32, num_points=3000, embed_dim=64, mlp_dim=128)
     result = pretrain.run(config, str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
     assert result.summary["bank_top1_final"] >= 50.0
+    assert not (tmp_path / "run" / bank_task.BATCH_PNG).exists()  # batch_picture=False (TINY_PRETRAIN)
 
 
 def test_the_cpu_paper_aug_variant_is_the_demo_under_the_papers_crops_and_mixup(tmp_path):

@@ -24,6 +24,7 @@ def validate(config: ml_collections.ConfigDict) -> BankSpec | fdsl.FdslSpec:
     require(config.data_mode == "bank" or config.dataset == "1p-frac",
             f"data_mode={config.data_mode!r} renders 1p-frac classes only; dataset={config.dataset!r} needs 'bank'")
     require(config.image_size >= 16, f"image_size={config.image_size} must be ≥ 16")
+    require(isinstance(config.batch_picture, bool), f"batch_picture={config.batch_picture!r} must be True or False")
     loop.validate_train_fields(config)
     return spec
 
@@ -33,6 +34,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh: Mesh | None = Non
     model = classify.build_vit(config, spec.num_classes)
     with loop.prepare(config, workdir, mesh) as run:
         # the bank, rendered once on the devices, then replicated so every device gathers its batch locally
-        task = bank_task.render_task(config, spec, model, run.mesh, run.path,
+        task = bank_task.render_task(config, spec, model, run.mesh, run.path if config.batch_picture else None,
                                      progress=functools.partial(logging.info, "bank: %s"))
         return run.train(task)

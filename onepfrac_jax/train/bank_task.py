@@ -200,9 +200,9 @@ def make_task(config: ml_collections.ConfigDict, spec: BankSpec, model: ViT, aug
 
 
 def render_task(config: ml_collections.ConfigDict, spec: BankSpec | fdsl.FdslSpec, model: ViT, mesh: Mesh,
-                workdir: Path, progress: Callable[[str], None]) -> loop.Task:
+                workdir: Path | None, progress: Callable[[str], None]) -> loop.Task:
     """Renders the configured bank once on the devices, packs and replicates it (`packed_bank`), and returns the
-    Task over it."""
+    Task over it (which writes the batch picture into `workdir`, if given: `make_task`)."""
     augment = augment_config(config.augment)
     if config.dataset == "1p-frac":
         bank = build_bank(spec, mesh, progress=progress)
