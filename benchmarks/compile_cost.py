@@ -214,13 +214,12 @@ def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", clo
     (see the module docstring), closed over by make_batch if `closed` (the code before) else the step's argument;
     the state abstract (to lower) unless not `abstract_state` (to run). Built by bank_task.make_task and
     loop.jit_train_step: what `pretrain.run` compiles."""
-    from onepfrac_jax.parallel.mesh import make_data_mesh, replicated
+    from onepfrac_jax.parallel.mesh import make_data_mesh
     from onepfrac_jax.train import loop
 
     if bank not in BANKS or (closed and bank == "abstract"):
         raise ValueError(f"bank={bank!r} (closed={closed}) is not one of {BANKS} (a closed-over bank is concrete)")
     mesh = make_data_mesh(jax.devices()[:1]) if mesh is None else mesh
-    spread = replicated(mesh)
     task = pretrain_task(config, bank, mesh)
     if closed:  # the code before: make_batch closed over the bank
         batch_of, resident = task.make_batch, task.resident
@@ -229,9 +228,7 @@ def pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", clo
     step_fn, tx = loop.jit_train_step(task, config, mesh, loop.total_steps(config, task.steps_per_epoch))
     if not abstract_state:
         return step_fn, (loop.init_state(task, tx, config.seed, mesh), None, task.resident)
-    state = jax.eval_shape(lambda: loop.init_state(task, tx, config.seed, mesh))
-    state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spread), state)
-    return step_fn, (state, None, task.resident)
+    return step_fn, (loop.abstract_state(task, tx, mesh), None, task.resident)
 
 
 def lower_pretrain_step(config: ml_collections.ConfigDict, bank: str = "abstract", closed: bool = False,

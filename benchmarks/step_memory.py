@@ -64,7 +64,7 @@ def measure(dtype: str, remat: bool, batch: int, model_name: str, num_classes: i
     )
     mesh = make_data_mesh(jax.devices()[:1])
     step_fn, tx = loop.jit_train_step(task, config, mesh, total=100_000)
-    state = jax.eval_shape(lambda: loop.init_state(task, tx, config.seed, mesh))
+    state = loop.abstract_state(task, tx, mesh)
     inputs = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), model.dtype),
               "target": jax.ShapeDtypeStruct((batch, num_classes), jnp.float32)}
     params = sum(leaf.size for leaf in jax.tree.leaves(state.params))

@@ -2,6 +2,7 @@
 
 import itertools
 import json
+import shutil
 import subprocess
 import sys
 
@@ -138,6 +139,18 @@ def test_resume_rules(tmp_path):
     (stranger / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match="holds no run"):
         loop.prepare(toy_config(), str(stranger))
+
+
+def test_a_resume_restores_into_the_states_layout_without_running_the_initialisation(tmp_path, monkeypatch):
+    workdir, inits = tmp_path / "run", []
+    run(toy_task(lambda w, step: w**2), toy_config(), workdir)
+    real = loop.init_state
+    monkeypatch.setattr(loop, "init_state", lambda *args, **kwargs: inits.append(args) or real(*args, **kwargs))
+    state = run(toy_task(lambda w, step: w**2), toy_config(total_steps=10, resume=True), workdir)
+    assert int(state.step) == 10 and inits == []  # restored from step 8: no init program compiled or run
+    shutil.rmtree(workdir / "checkpoints")  # a run stopped before its first checkpoint starts from the init
+    state = run(toy_task(lambda w, step: w**2), toy_config(total_steps=10, resume=True), workdir)
+    assert int(state.step) == 10 and len(inits) == 1
 
 
 def test_batch_must_divide_over_devices():

@@ -338,6 +338,13 @@ def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Me
     return jax.jit(_make_init(task, tx, seed, ema), out_shardings=replicated(mesh))(initial)
 
 
+def abstract_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ema: bool = False) -> TrainState:
+    """init_state's shapes, dtypes and (replicated) shardings, from tracing alone: what a resume restores into,
+    without compiling or running the initialisation."""
+    shapes = jax.eval_shape(_make_init(task, tx, 0, ema), task.initial)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), shapes)
+
+
 def _preemption_sync_manager() -> Any:
     """JAX's preemption service of this multi-process run, or None (single process, or the service is off)."""
     from jax._src import distributed as jax_distributed  # no public accessor; absent in other versions: None
@@ -455,11 +462,13 @@ class Run:
                  traceback: TracebackType | None) -> None:
         self.rundir.__exit__(kind, value, traceback)
 
-    def _restore(self, checkpoints: Checkpoints, state: TrainState) -> tuple[int, TrainState, list[dict]]:
-        """(start step, state, evaluation history) of the newest usable checkpoint, or the fresh state's."""
-        found = checkpoints.restore_latest(state)
+    def _restore(self, checkpoints: Checkpoints, target: TrainState,
+                 fresh: Callable[[], TrainState]) -> tuple[int, TrainState, list[dict]]:
+        """(start step, state, evaluation history) of the newest usable checkpoint restored into `target`'s layout,
+        or step 0 of `fresh()`."""
+        found = checkpoints.restore_latest(target)
         if found is None:
-            return 0, state, []
+            return 0, fresh(), []
         step, state, data = found
         logging.info("resumed from %s at step %d", checkpoints.directory, step)
         return step, state, list(data.get("history", []))
@@ -473,21 +482,27 @@ class Run:
         # ---- model, optimizer, state, the update step ----------------------------------------------------------
         step_fn, tx = jit_train_step(task, config, mesh, total)
         ema = config.ema_decay > 0
-        state = init_state(task, tx, config.seed, mesh, ema)
+
+        def fresh() -> TrainState:
+            state = init_state(task, tx, config.seed, mesh, ema)
+            if config.dtype == "float16":
+                state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
+            return state
+
+        # A resume restores into the state's layout: the initialisation is compiled and run only without a checkpoint.
+        state = abstract_state(task, tx, mesh, ema) if self.rundir.resuming else fresh()
         # An average of the weights beside the live BatchNorm statistics (the bootstrap agent's) would be a model
         # nobody trained: the EMA serves models whose only variables are their params.
         require(not (ema and jax.tree.leaves(state.extra)),
                 f"ema_decay={config.ema_decay}: this stage's model keeps {', '.join(state.extra)} beside its params, "
                 f"which the EMA does not average; set ema_decay=0 (pretrain and finetune have the EMA)")
-        if config.dtype == "float16":
-            state = state.replace(loss_scale=jnp.full((), _INITIAL_LOSS_SCALE, jnp.float32))
         logging.info("%s parameters", f"{sum(x.size for x in jax.tree.leaves(state.params)):,}")
 
         # ---- checkpoints: resume where a previous process left off; only then is config.json (re)written ------
         if not self.rundir.resuming:
             self.rundir.begin()  # an overwrite clears the old run here, before Orbax creates checkpoints/
         checkpoints = Checkpoints(path / "checkpoints", config.keep_checkpoints)
-        start, state, history = self._restore(checkpoints, state) if self.rundir.resuming else (0, state, [])
+        start, state, history = self._restore(checkpoints, state, fresh) if self.rundir.resuming else (0, state, [])
         require(start <= total, f"the run in {path} is at step {start}, past total_steps={total}")
         self.rundir.begin()  # a resume commits only once its checkpoint is restored (begin() runs once)
 
