@@ -25,7 +25,7 @@ from onepfrac_jax.models.agent import SharedAgent
 from onepfrac_jax.models.vit import create_vit
 from onepfrac_jax.parallel.mesh import data_sharding, make_data_mesh
 from onepfrac_jax.stages import bootstrap
-from onepfrac_jax.train import checkpoint, classify, pair
+from onepfrac_jax.train import checkpoint, classify, loop, pair
 from onepfrac_jax.train.losses import BootstrapLossWeights
 
 pytestmark = pytest.mark.slow  # the fast tier leaves this file out (pyproject.toml, markers)
@@ -66,9 +66,13 @@ GRADIENTS = {"joint": ("step", "loss_vit", "loss_cnn", "kd_vit", "kd_cnn", "hint
 
 def _step(mode):
     """One jitted program: every loss term's gradient w.r.t. all params, the loss, the metrics, the new extra."""
-    task, _, _ = _task(tiny_config(mode))
-    variables = jax.jit(task.init_variables)(jax.random.key(0))
-    params, extra = variables["params"], {"batch_stats": variables["batch_stats"]}
+    config = tiny_config(mode)
+    task, _, _ = _task(config)
+    # the initial state as the stage's run builds it: bootstrap_run's init program, read from the compilation cache
+    mesh = make_data_mesh()
+    tx = loop.jit_train_step(task, config, mesh, config.total_steps)[1]
+    state = loop.init_state(task, tx, config.seed, mesh)
+    params, extra = state.params, {"batch_stats": state.extra["batch_stats"]}
     names = GRADIENTS[mode]
 
     def term(p, name):
