@@ -23,20 +23,21 @@ def test_a_train_step_read_from_the_cache_is_bitwise_a_fresh_compile():
         logits = model.apply({"params": params}, x, train=True, rngs={"dropout": key, "drop_path": key})
         return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[:, 0])
 
-    step = jax.jit(jax.value_and_grad(loss))
+    def step():
+        """The same program in a function of its own, which JAX's in-memory caches have not seen (clearing them
+        instead would cost the worker's later tests their compiled programs)."""
+        return jax.jit(jax.value_and_grad(lambda params, key: loss(params, key)))
+
     hits = []
     listener = lambda event, **_: hits.append(event) if event == HITS else None
     jax.monitoring.register_event_listener(listener)
     try:
         jax.config.update("jax_enable_compilation_cache", False)
-        jax.clear_caches()
-        fresh = step(params, jax.random.key(2))
+        fresh = step()(params, jax.random.key(2))
         jax.config.update("jax_enable_compilation_cache", True)
-        jax.clear_caches()
-        step(params, jax.random.key(2))  # compiled into the cache (or found there)
+        step()(params, jax.random.key(2))  # compiled into the cache (or found there)
         before = len(hits)
-        jax.clear_caches()  # forget the compiled program in memory: the next call reads it from disk
-        cached = step(params, jax.random.key(2))
+        cached = step()(params, jax.random.key(2))  # not in memory: read from disk
     finally:
         jax.monitoring.unregister_event_listener(listener)
         jax.config.update("jax_enable_compilation_cache", True)

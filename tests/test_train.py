@@ -91,6 +91,20 @@ def test_float16_loss_scaling_skips_overflowing_steps(tmp_path):
     assert float(after.loss_scale) == float(before.loss_scale) / 2 == 2.0**14
 
 
+def test_checkpoints_leave_jaxs_preemption_sync_point_to_the_loop(tmp_path, monkeypatch):
+    """Only loop._Stop may pass counters to JAX's preemption sync point: Orbax's manager passes the saved step, from
+    the thread that finalises an async save too, after the loop has passed later steps (checkpoint._Manager)."""
+    from jax.experimental import multihost_utils
+
+    steps = []
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: steps.append(step) or False)
+    checkpoints = Checkpoints(tmp_path / "checkpoints", keep=2)
+    for step in (2, 4):
+        checkpoints.save(step, {"w": jnp.ones((2, 2))}, {"history": []})
+    checkpoints.close()
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [2, 4] and steps == []
+
+
 def test_a_replicated_array_is_split_among_replicas_only_from_a_mib_each(tmp_path, monkeypatch):
     """Orbax's replica-parallel write slices each replicated array, one compiled program per shape: only arrays of
     at least checkpoint.REPLICA_PARALLEL_MIN_BYTES per replica are split; what is saved reads back the same."""

@@ -50,6 +50,20 @@ def describe_mismatch(saved: dict, wanted: dict) -> str | None:
     return first_few(diffs, "; ")
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, except that it leaves JAX's preemption sync point to the training loop (loop._Stop).
+
+    JAX's sync manager keeps the last counter passed to `reached_sync_point` and, on a preemption notice, agrees on
+    the largest one every process reported, plus one. Orbax's own manager passes the checkpoint's step, from the
+    thread that finalises an asynchronous save too, i.e. after the loop has already passed later steps: that call
+    moves the reported counter back, the agreed step can then lie behind the loop on one process, and a SIGTERM
+    while a checkpoint is finalised left one process stopped at the agreed step (in the collective save) and the
+    other training on. With one caller the counter only grows. Orbax only logs and counts what this returns."""
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpoints:
     """The run's checkpoint folder: asynchronous saves, a restore that falls back past damaged checkpoints."""
 
@@ -62,7 +76,7 @@ class Checkpoints:
         self.manager = self._open()
 
     def _open(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(
+        return _Manager(
             self.directory.resolve(), options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True),
             item_handlers={"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
 

@@ -355,7 +355,8 @@ def _preemption_sync_manager() -> Any:
 
 # Calls of `_Stop.agreed` over the process's lifetime: the counter JAX's preemption sync point is agreed on. It
 # only grows (a second train() in one process goes on from it), as the protocol needs, and every process makes the
-# same calls in the same order.
+# same calls in the same order. It is the only caller: the checkpoint manager leaves the sync point alone
+# (checkpoint._Manager).
 _sync_calls = 0
 
 
