@@ -100,9 +100,10 @@ def test_overwrite_replaces_a_run_of_this_project(tiny_pretrain_run, tmp_path):
     workdir = tmp_path / "run"
     shutil.copytree(tiny_pretrain_run, workdir)
     (workdir / "stale.txt").write_text("from the old run")
-    train(workdir, total_steps=2, overwrite=True)
+    # the shared run's program (same steps), checkpointed only at the end: the old run kept steps 2 and 4
+    train(workdir, checkpoint_every_steps=4, overwrite=True)
     assert not (workdir / "stale.txt").exists()
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["2"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["4"]
 
 
 # ---------------------------------------------------------------------------------------------- 2. one run per workdir
