@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ml_collections
 import pytest
-from conftest import ROOT, assert_one_error, clean_env, main_argv, run_processes
+from conftest import ROOT, assert_one_error, clean_env, main_argv
 from onepfrac_jax.configs import generate as generate_config
 from PIL import Image
 
@@ -187,12 +187,3 @@ def test_an_overwrite_that_cannot_delete_the_old_run_sets_it_aside_and_says_wher
     assert json.loads((workdir / "result.json").read_text())["stage"] == "generate"
     assert not (workdir / "images" / "stuck").exists()
 
-
-@pytest.mark.multiprocess
-def test_an_overwrite_on_2_processes_is_done_by_process_0_before_either_goes_on(tmp_path):
-    workdir = tmp_path / "run"
-    for overrides in (GENERATE, {**GENERATE, "seed": 3, "overwrite": True}):
-        run_processes(2, 2, main_argv("configs/generate.py:demo", workdir, overrides), timeout=300)
-    assert json.loads((workdir / "config.json").read_text())["seed"] == 3
-    assert json.loads((workdir / "params.json").read_text())["spec"]["seed"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"] and leftovers(workdir) == []

@@ -28,6 +28,7 @@ from conftest import (
     make_image_folder,
 )
 from PIL import Image
+from test_full_disk_and_rundir import leftovers
 
 from onepfrac_jax.train.checkpoint import load_variables
 
@@ -179,7 +180,7 @@ def test_ctrl_c_on_one_process_stops_every_process_at_one_step(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- generate ----
 
-def test_generate_on_2_processes_writes_the_bank_of_1_process(tmp_path):
+def test_generate_on_2_processes_writes_the_bank_of_1_process_and_process_0_alone_overwrites_it(tmp_path):
     runs = {name: start(n, d, main_argv("configs/generate.py:demo", tmp_path / name, GENERATE),
                         tmp_path / f"logs_{name}") for name, (n, d) in {"1x4": (1, 4), "2x2": (2, 2)}.items()}
     for run in runs.values():
@@ -194,6 +195,13 @@ def test_generate_on_2_processes_writes_the_bank_of_1_process(tmp_path):
         np.testing.assert_array_equal(np.asarray(Image.open(two / file)), np.asarray(Image.open(one / file)))
     assert sorted(p.name for p in two.iterdir()) == ["config.json", "images", "params.json", "preview.png",
                                                       "result.json"]  # and no .lock: released
+    # an overwrite on 2 processes: process 0 replaces the run before either goes on, and nothing is left beside it
+    overwrite = {**GENERATE, "seed": 3, "fill_threshold": 0.0, "overwrite": True}  # (seed 3's classes fill less)
+    finish(start(2, 2, main_argv("configs/generate.py:demo", two, overwrite), tmp_path / "logs_overwrite"))
+    assert json.loads((two / "config.json").read_text())["seed"] == 3
+    assert json.loads((two / "params.json").read_text())["spec"]["seed"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1x4", "2x2", "logs_1x4", "logs_2x2", "logs_overwrite"]
+    assert leftovers(two) == []
 
 
 if __name__ == "__main__":
