@@ -157,7 +157,10 @@ TINY_PRETRAIN = {"num_classes": 8, "render_size": 32, "num_points": 2000, "image
                  "total_steps": 4, "log_every_steps": 1, "checkpoint_every_steps": 2, "batch_picture": False,
                  **TINY_MODEL}
 TINY_PRETRAIN_RUN = {**TINY_PRETRAIN, "keep_checkpoints": 5}  # tiny_pretrain_run's overrides of the demo
-TWO_PROCESS_PRETRAIN = {**TINY_PRETRAIN, "total_steps": 6}  # pretrain_runs' overrides of the demo
+# configs/finetune.py:imagefolder on make_image_folder's tree: one epoch is 3 steps of 8, two epochs
+TINY_FINETUNE = {"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3,
+                 **TINY_MODEL, "data.image_size": 20, "augment.auto_augment": "", "augment.mixup_alpha": 0.0,
+                 "augment.cutmix_alpha": 0.0, "augment.re_prob": 0.0}
 BOOTSTRAP_DIM, BOOTSTRAP_DEPTH = 48, 2  # tiny_bootstrap_config's ViT and agent
 # Every snippet a LocalRun starts begins by joining the run its environment describes.
 PRELUDE = "import jax\nfrom onepfrac_jax.parallel import distributed\ndistributed.initialize()\n"
@@ -213,35 +216,66 @@ def tiny_bootstrap_config(mode: str, /, **overrides):
 # ------------------------------------------------------------------------------------------- shared runs ----
 # Runs that several test files read, trained once per session (a test that changes a run copies it first).
 
-@pytest.fixture(scope="session")
-def tiny_pretrain_run(tmp_path_factory) -> Path:
-    """A finished configs/pretrain.py:demo run with TINY_PRETRAIN_RUN (checkpoints at steps 2 and 4), one device."""
+def _tiny_pretrain(workdir: Path, overrides: Mapping[str, object], devices: int) -> Path:
+    """configs/pretrain.py:demo with `overrides`, trained in this process on its first `devices` devices."""
     from onepfrac_jax.configs import pretrain as pretrain_configs
 
     from onepfrac_jax.config import apply_overrides
     from onepfrac_jax.parallel.mesh import make_data_mesh
     from onepfrac_jax.stages import pretrain
 
-    workdir = tmp_path_factory.mktemp("tiny_pretrain") / "run"
-    config = apply_overrides(pretrain_configs.get_config("demo"), TINY_PRETRAIN_RUN)
-    pretrain.run(config, str(workdir), make_data_mesh(jax.devices()[:1]))
+    pretrain.run(apply_overrides(pretrain_configs.get_config("demo"), overrides), str(workdir),
+                 make_data_mesh(jax.devices()[:devices]))
     return workdir
 
 
 @pytest.fixture(scope="session")
-def pretrain_runs(tmp_path_factory) -> dict[str, Path]:
-    """configs/pretrain.py:demo with TWO_PROCESS_PRETRAIN (checkpoints at steps 2, 4 and 6), started together as
-    1 process of 4 devices ('1x4') and 2 processes of 2 devices ('2x2'), both through LocalRun."""
+def tiny_pretrain_run(tmp_path_factory) -> Path:
+    """A finished configs/pretrain.py:demo run with TINY_PRETRAIN_RUN (checkpoints at steps 2 and 4), one device."""
+    return _tiny_pretrain(tmp_path_factory.mktemp("tiny_pretrain") / "run", TINY_PRETRAIN_RUN, 1)
+
+
+@pytest.fixture(scope="session")
+def four_device_pretrain_run(tmp_path_factory) -> Path:
+    """The same run as tiny_pretrain_run (TINY_PRETRAIN) on 4 devices of this process."""
+    return _tiny_pretrain(tmp_path_factory.mktemp("four_device_pretrain") / "run", TINY_PRETRAIN, 4)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """make_image_folder's tree: 3 classes of 8 training and 4 validation images."""
+    root = tmp_path_factory.mktemp("image_folder") / "data"
+    make_image_folder(root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def four_device_finetune_run(tiny_pretrain_run, image_folder, tmp_path_factory) -> Path:
+    """configs/finetune.py:imagefolder with TINY_FINETUNE on image_folder, from tiny_pretrain_run, on 4 devices of
+    this process."""
+    from onepfrac_jax.configs import finetune as finetune_configs
+
+    from onepfrac_jax.config import apply_overrides
+    from onepfrac_jax.parallel.mesh import make_data_mesh
+    from onepfrac_jax.stages import finetune
+
+    workdir = tmp_path_factory.mktemp("four_device_finetune") / "run"
+    overrides = {**TINY_FINETUNE, "data.data_dir": str(image_folder), "init_from": str(tiny_pretrain_run)}
+    finetune.run(apply_overrides(finetune_configs.get_config("imagefolder"), overrides), str(workdir),
+                 make_data_mesh(jax.devices()[:4]))
+    return workdir
+
+
+@pytest.fixture(scope="session")
+def pretrain_runs(four_device_pretrain_run, tmp_path_factory) -> dict[str, Path]:
+    """configs/pretrain.py:demo with TINY_PRETRAIN (checkpoints at steps 2 and 4) as 1 process of 4 devices ('1x4':
+    four_device_pretrain_run) and as 2 processes of 2 devices ('2x2': main.py through LocalRun)."""
     root = tmp_path_factory.mktemp("pretrain_runs")
-    runs = {}
-    for name, (n, devices) in {"1x4": (1, 4), "2x2": (2, 2)}.items():
-        (root / f"logs_{name}").mkdir()
-        runs[name] = LocalRun(n, devices, main_argv("configs/pretrain.py:demo", root / name, TWO_PROCESS_PRETRAIN),
-                              root / f"logs_{name}")
-    for name, run in runs.items():
-        for i, result in enumerate(run.wait(300)):
-            assert result.returncode == 0, f"{name}, process {i} exited with {result.returncode}:\n{run.tail(i)}"
-    return {name: root / name for name in runs}
+    (root / "logs_2x2").mkdir()
+    run = LocalRun(2, 2, main_argv("configs/pretrain.py:demo", root / "2x2", TINY_PRETRAIN), root / "logs_2x2")
+    for i, result in enumerate(run.wait(300)):
+        assert result.returncode == 0, f"2x2, process {i} exited with {result.returncode}:\n{run.tail(i)}"
+    return {"1x4": four_device_pretrain_run, "2x2": root / "2x2"}
 
 
 def _bootstrap(mode: str, tmp_path_factory) -> Path:

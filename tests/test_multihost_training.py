@@ -1,7 +1,9 @@
 """Training stages under 2 processes x 2 CPU devices, through main.py, against 1 process x 4 devices.
 
-Every run goes through the multi-process harness of conftest (`LocalRun`), the 1 x 4 side too (`LocalRun(1, 4, ...)`),
-so both sides start the same way. Runs that do not depend on each other start together to keep the wall time down.
+The 2 x 2 runs go through the multi-process harness of conftest (`LocalRun`). The 1 x 4 side of the pre-train is
+conftest's `four_device_pretrain_run`, trained in the test process (test_stages compares it with 1 device too); the
+other 1 x 4 sides are `LocalRun(1, 4, ...)`. Runs that do not depend on each other start together to keep the wall
+time down.
 """
 
 from __future__ import annotations
@@ -18,23 +20,18 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-    TINY_MODEL,
+    TINY_FINETUNE,
     TINY_PRETRAIN,
-    TWO_PROCESS_PRETRAIN,
     LocalRun,
     assert_one_error,
     csv_rows,
     main_argv,
-    make_image_folder,
 )
 from PIL import Image
 from test_full_disk_and_rundir import leftovers
 
 from onepfrac_jax.train.checkpoint import load_variables
 
-FINETUNE = {"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 1, "checkpoint_every_steps": 3,
-            **TINY_MODEL, "data.image_size": 20, "augment.auto_augment": "", "augment.mixup_alpha": 0.0,
-            "augment.cutmix_alpha": 0.0, "augment.re_prob": 0.0}
 GENERATE = {"seed": 2, "num_classes": 8, "image_size": 32, "pad": 2, "num_points": 2000, "classes_per_call": 8,
             "fill_threshold": 0.21}  # one class goes through re-draw rounds (as in test_multihost)
 TIMEOUT = 300
@@ -77,22 +74,20 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 
 def test_pretrain_on_2_processes_matches_1_process_of_4_devices(pretrain_runs):
     one, two = pretrain_runs["1x4"], pretrain_runs["2x2"]
-    assert len(losses(one)) == 6
+    assert len(losses(one)) == 4
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     assert_same_params(one, two, atol=1e-5)
     # Only process 0 writes the run directory's files, and both runs hold the same ones.
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
-    assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4, 6]
+    assert checkpoint_steps(two) == checkpoint_steps(one) == [2, 4]
 
 
-def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(tmp_path):
-    make_image_folder(tmp_path / "data")  # 3 classes x 8 training images: one epoch is 3 steps of 8
-    overrides = {**FINETUNE, "data.data_dir": tmp_path / "data"}
-    runs = {name: start(n, d, main_argv("configs/finetune.py:imagefolder", tmp_path / name, overrides),
-                        tmp_path / f"logs_{name}") for name, (n, d) in {"1x4": (1, 4), "2x2": (2, 2)}.items()}
-    for run in runs.values():
-        finish(run)
-    one, two = tmp_path / "1x4", tmp_path / "2x2"
+def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(four_device_finetune_run, image_folder,
+                                                                      tiny_pretrain_run, tmp_path):
+    """From a pre-train run, as test_stages' fine-tune: four_device_finetune_run is the 1 x 4 side."""
+    overrides = {**TINY_FINETUNE, "data.data_dir": image_folder, "init_from": tiny_pretrain_run}
+    finish(start(2, 2, main_argv("configs/finetune.py:imagefolder", tmp_path / "2x2", overrides), tmp_path / "logs"))
+    one, two = four_device_finetune_run, tmp_path / "2x2"
     assert len(losses(one)) == 6
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
     # The validation pass too: the same accuracy after each epoch.
@@ -106,19 +101,19 @@ def test_finetune_on_an_image_folder_on_2_processes_matches_1_process(tmp_path):
 # ------------------------------------------------------------------------------------------------ resume ----
 
 def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_runs, tmp_path):
-    """The 2 x 2 run cut back to its checkpoint at step 4 (as if stopped there) and resumed to 6 in a new 2 x 2 run
+    """The 2 x 2 run cut back to its checkpoint at step 2 (as if stopped there) and resumed to 4 in a new 2 x 2 run
     ends bit for bit where the uninterrupted run ended."""
     workdir, whole = tmp_path / "run", pretrain_runs["2x2"]
     shutil.copytree(whole, workdir)
-    shutil.rmtree(workdir / "checkpoints" / "6")
+    shutil.rmtree(workdir / "checkpoints" / "4")
     (workdir / "result.json").unlink()
-    argv = main_argv("configs/pretrain.py:demo", workdir, {**TWO_PROCESS_PRETRAIN, "resume": True})
+    argv = main_argv("configs/pretrain.py:demo", workdir, {**TINY_PRETRAIN, "resume": True})
     stderr = finish(start(2, 2, argv, tmp_path / "logs"))
     for text in stderr:
-        assert re.search(r"resumed from \S+ at step 4", text), text[-2000:]
+        assert re.search(r"resumed from \S+ at step 2", text), text[-2000:]
     # Bitwise: same devices, same per-step keys, the same compiled step; the restored state is the saved one.
     assert_same_params(workdir, whole, atol=None)
-    assert [int(r["step"]) for r in csv_rows(workdir / "metrics.csv")] == [1, 2, 3, 4, 5, 6]
+    assert [int(r["step"]) for r in csv_rows(workdir / "metrics.csv")] == [1, 2, 3, 4]
     assert losses(workdir) == losses(whole)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import (
     ROOT,
-    TINY_MODEL,
+    TINY_FINETUNE,
     TINY_PRETRAIN,
     assert_one_error,
     clean_env,
@@ -27,7 +27,7 @@ from onepfrac_jax.configs import finetune as finetune_configs
 from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax import inference
-from onepfrac_jax.config import ConfigError
+from onepfrac_jax.config import ConfigError, apply_overrides
 from onepfrac_jax.data.augment import augment_config, eval_transform
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.stages import finetune, pretrain
@@ -43,13 +43,12 @@ def pretrain_config(**overrides):
     return c
 
 
-def test_pretrain_gives_the_same_losses_on_1_and_4_devices(tiny_pretrain_run, tmp_path):
-    pretrain.run(pretrain_config(), str(tmp_path / "four"), make_data_mesh(jax.devices()[:4]))
+def test_pretrain_gives_the_same_losses_on_1_and_4_devices(tiny_pretrain_run, four_device_pretrain_run):
     one = [float(r["loss"]) for r in csv_rows(tiny_pretrain_run / "metrics.csv")]
-    four = [float(r["loss"]) for r in csv_rows(tmp_path / "four" / "metrics.csv")]
+    four = [float(r["loss"]) for r in csv_rows(four_device_pretrain_run / "metrics.csv")]
     assert len(one) == 4
     np.testing.assert_allclose(four, one, rtol=1e-5)
-    a, b = load_variables(tiny_pretrain_run), load_variables(tmp_path / "four")
+    a, b = load_variables(tiny_pretrain_run), load_variables(four_device_pretrain_run)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
 
@@ -182,20 +181,13 @@ def test_a_second_ctrl_c_exits_at_once_and_the_checkpoints_stay_usable(tmp_path)
 
 
 def finetune_config(data_dir: Path, **overrides):
-    c = finetune_configs.get_config("imagefolder")
-    c.update({"image_size": 16, "batch_size": 8, "total_steps": 6, "log_every_steps": 3,
-              "checkpoint_every_steps": 3, **TINY_MODEL})
-    c.data.update({"data_dir": str(data_dir), "image_size": 20})
-    c.augment.update({"auto_augment": "", "mixup_alpha": 0.0, "cutmix_alpha": 0.0, "re_prob": 0.0})
+    c = apply_overrides(finetune_configs.get_config("imagefolder"), {**TINY_FINETUNE, "data.data_dir": str(data_dir)})
     c.update(overrides)
     return c
 
 
-def test_finetune_from_a_pretrain_run_on_an_image_folder(tiny_pretrain_run, tmp_path):
-    make_image_folder(tmp_path / "data")
-    workdir = tmp_path / "ft"
-    finetune.run(finetune_config(tmp_path / "data", init_from=str(tiny_pretrain_run)), str(workdir),
-                 make_data_mesh(jax.devices()[:2]))
+def test_finetune_from_a_pretrain_run_on_an_image_folder(four_device_finetune_run, image_folder):
+    workdir = four_device_finetune_run  # from tiny_pretrain_run, on 4 devices: finetune_config's run
     rows = csv_rows(workdir / "metrics.csv")
     assert [r["step"] for r in rows if r["val_top1"]] == ["3", "6"]  # one epoch = 3 steps of 8 from 24 images
     result = json.loads((workdir / "result.json").read_text())
@@ -206,9 +198,9 @@ def test_finetune_from_a_pretrain_run_on_an_image_folder(tiny_pretrain_run, tmp_
     # inference.load serves the run: the same logits as the model on the eval transform
     predict = inference.load(workdir)
     images = np.random.default_rng(1).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8)
-    model = classify.build_vit(finetune_config(tmp_path / "data"), 3)
-    expected = model.apply({"params": tuned}, eval_transform(augment_config(finetune_config(tmp_path).augment),
-                                                             jnp.asarray(images)))
+    config = finetune_config(image_folder)
+    model = classify.build_vit(config, 3)
+    expected = model.apply({"params": tuned}, eval_transform(augment_config(config.augment), jnp.asarray(images)))
     np.testing.assert_allclose(predict(images), expected, atol=1e-5)
 
 
