@@ -11,6 +11,7 @@ import pytest
 from jax.scipy.special import betainc
 from scipy.special import betaincinv
 
+from benchmarks import compile_cost
 from benchmarks.compile_cost import (
     bench_config,
     large_constants,
@@ -88,10 +89,39 @@ def test_initial_weights_are_an_argument_of_the_init_and_come_back_bitwise():
     tx = optax.adamw(1e-3)
     state = loop.init_state(task, tx, 0, make_data_mesh(jax.devices()[:2]))
     np.testing.assert_array_equal(np.asarray(state.params["w"]), weights["w"])
-    assert large_constants(jax.jit(loop._make_init(task, tx, 0)).lower(weights).as_text(), MB) == []
+    root = jax.random.key(0)
+    assert large_constants(jax.jit(loop._make_init(task, tx)).lower(weights, root).as_text(), MB) == []
     closed = dataclasses.replace(task, init_variables=lambda key: {"params": weights}, initial=None)
-    assert large_constants(jax.jit(loop._make_init(closed, tx, 0)).lower(None).as_text(), MB) == [
+    assert large_constants(jax.jit(loop._make_init(closed, tx)).lower(None, root).as_text(), MB) == [
         ("512x1024xf32", 2 * MB)]
+
+
+# ---------------------------------------------------------------- seeds
+
+
+def test_runs_that_differ_only_in_their_seed_share_one_step_and_one_init():
+    """The root key and the data-order key are arguments of the programs, not constants: a grid's seeds compile
+    one step and one init (docs/reproducibility.md)."""
+    mesh = make_data_mesh(jax.devices()[:1])
+    texts, params, requests, hits = [], [], [], []
+    listener = lambda event, **_: (requests if event.endswith("compile_requests_use_cache") else
+                                   hits if event.endswith("cache_hits") else []).append(event)
+    for seed in (0, 1):
+        config = bench_config(num_classes=8, render_size=32)
+        config.seed = seed
+        step_fn, args = pretrain_step(config, mesh=mesh)
+        texts.append(step_fn.lower(*args).as_text())
+        task = compile_cost.pretrain_task(config, "zeros", mesh)
+        tx = loop.jit_train_step(task, config, mesh, config.total_steps)[1]
+        jax.monitoring.register_event_listener(listener)
+        try:
+            state = loop.init_state(task, tx, seed, mesh)  # a jit of its own: a compile request, or a cache hit
+        finally:
+            jax.monitoring.unregister_event_listener(listener)
+        params.append(jax.device_get(state.params))
+    assert texts[0] == texts[1]
+    assert not all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, params), strict=True))  # still keyed
+    assert len(requests) == 2 and len(hits) >= 1  # seed 1's init is seed 0's program, read back from the cache
 
 
 # ---------------------------------------------------------------- loops

@@ -155,13 +155,12 @@ def make_task(config: ml_collections.ConfigDict, spec: BankSpec, model: ViT, aug
     batch = config.batch_size
     # fresh mode: a new chain (map choices) and new patch masks for every sample, from its own key
     render_one = functools.partial(render.render, **render_options(spec))
-    order_key = loop.stream_key(config.seed, _ORDER_STREAM)  # epoch permutations: a stream of their own
 
     def make_batch(key, inputs, step, bank):
         render_key, augment_key = jax.random.split(key)
         indices = step * batch + jnp.arange(batch, dtype=jnp.int32)
         indices = jax.lax.with_sharding_constraint(indices, data_sharding(mesh))
-        examples = epoch_examples(order_key, indices, spec.num_classes * layout.per_class, batch)
+        examples = epoch_examples(bank["order_key"], indices, spec.num_classes * layout.per_class, batch)
         labels, instance = examples // layout.per_class, examples % layout.per_class
         if config.data_mode == "bank":
             rows = labels * layout.stored_per_class + instance // layout.flips
@@ -173,8 +172,10 @@ def make_task(config: ml_collections.ConfigDict, spec: BankSpec, model: ViT, aug
         x, targets = augment_batch(augment, augment_key, gray, labels, indices, spec.num_classes, model.dtype)
         return {"image": x, "target": targets}
 
-    # Each mode gets only the array it reads.
+    # Each mode gets only the array it reads. The epoch permutations' key (a stream of its own) is an argument too:
+    # closed over, it would be a constant of the program, which then differs from seed to seed.
     resident = {"images": images} if config.data_mode == "bank" else {"class_params": class_params}
+    resident["order_key"] = loop.replicated_key(loop.stream_key(config.seed, _ORDER_STREAM), mesh)
 
     def inputs(start: int):
         """No host input; before the first step (after the run directory is set up) the batch picture."""

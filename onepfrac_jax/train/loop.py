@@ -61,12 +61,20 @@ _LOSS_SCALE_PERIOD = 2000
 _STEP_STREAM, _INIT_STREAM = 0, 1
 
 
-def stream_key(seed: int, stream: int) -> jax.Array:
-    """The key of one independent random stream of a run."""
-    return jax.random.fold_in(jax.random.key(seed), stream)
+def stream_key(seed: int | jax.Array, stream: int) -> jax.Array:
+    """The key of one independent random stream of a run: folded from jax.random.key(seed), or from `seed` itself
+    when it is that key already (the jitted step and initialisation get the key as an argument, not the seed as a
+    constant, so that runs that differ only in their seed share one compiled program)."""
+    return jax.random.fold_in(jax.random.key(seed) if isinstance(seed, int) else seed, stream)
 
 
-def step_keys(seed: int, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+def replicated_key(key: jax.Array, mesh: Mesh) -> jax.Array:
+    """`key` on every device of `mesh`, placed from its host data (which every process holds alike: a process can
+    place only host data on the devices of the others)."""
+    return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(key)), replicated(mesh)))
+
+
+def step_keys(seed: int | jax.Array, step: jax.Array | int) -> tuple[jax.Array, jax.Array]:
     """(data key, model key) of one training step: make_batch gets the first, the loss the second."""
     data_key, model_key = jax.random.split(jax.random.fold_in(stream_key(seed, _STEP_STREAM), step))
     return data_key, model_key
@@ -263,11 +271,10 @@ def accumulated_gradient(task: Task, state: TrainState, batch: Any, model_key: j
     return jax.tree.map(lambda g: g / k, total), (jnp.mean(losses), mean(metrics), extra)
 
 
-def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Schedule, seed: int,
-                     dynamic_scaling: bool, ema_decay: float = 0.0, batch_size: int = 0,
-                     accum_steps: int = 1) -> Callable:
-    def train_step(state: TrainState, inputs: Any, resident: Any = None) -> tuple[TrainState, dict]:
-        data_key, model_key = step_keys(seed, state.step)
+def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Schedule, dynamic_scaling: bool,
+                     ema_decay: float = 0.0, batch_size: int = 0, accum_steps: int = 1) -> Callable:
+    def train_step(state: TrainState, inputs: Any, resident: Any, root: jax.Array) -> tuple[TrainState, dict]:
+        data_key, model_key = step_keys(root, state.step)
         if task.resident is None:
             batch = task.make_batch(data_key, inputs, state.step)
         else:
@@ -300,28 +307,45 @@ def _make_train_step(task: Task, tx: optax.GradientTransformation, lr: optax.Sch
     return train_step
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainStep:
+    """The jitted update step with its run's root key, jax.random.key(seed), bound: `step(state, inputs, resident)`
+    runs it and `step.lower(...)` lowers it. The key is an argument of the program, not a constant in it, so runs
+    that differ only in their seed (a grid's seeds) share one compiled step."""
+
+    jitted: Any  # (state, inputs, resident, root key) -> (state, metrics)
+    root: jax.Array
+
+    def __call__(self, state: TrainState, inputs: Any, resident: Any = None) -> tuple[TrainState, dict]:
+        return self.jitted(state, inputs, resident, self.root)
+
+    def lower(self, state: Any, inputs: Any, resident: Any = None) -> Any:
+        return self.jitted.lower(state, inputs, resident, self.root)
+
+
 def jit_train_step(task: Task, config: ml_collections.ConfigDict, mesh: Mesh,
-                   total: int) -> tuple[Callable, optax.GradientTransformation]:
+                   total: int) -> tuple[TrainStep, optax.GradientTransformation]:
     """The jitted update step `Run.train` runs, `step_fn(state, host inputs, task.resident)`, and its optimizer.
 
     Public so that benchmarks and tests can lower and compile exactly the program training runs.
     """
     tx, lr = _build_optimizer(task, config, total)
-    step_fn = jax.jit(
-        _make_train_step(task, tx, lr, config.seed, config.dtype == "float16", config.ema_decay, config.batch_size,
+    jitted = jax.jit(
+        _make_train_step(task, tx, lr, config.dtype == "float16", config.ema_decay, config.batch_size,
                          config.get("accum_steps", 1)),
         out_shardings=(replicated(mesh), replicated(mesh)),
         donate_argnums=0,
     )
-    return step_fn, tx
+    return TrainStep(jitted, replicated_key(jax.random.key(config.seed), mesh)), tx
 
 
-def _make_init(task: Task, tx: optax.GradientTransformation, seed: int,
-               ema: bool = False) -> Callable[[Any], TrainState]:
-    """initial -> the initial state (`task.initial`'s arrays, or None); with `ema`, its EMA starts at the params."""
+def _make_init(task: Task, tx: optax.GradientTransformation,
+               ema: bool = False) -> Callable[[Any, jax.Array], TrainState]:
+    """(initial, root key) -> the initial state (`task.initial`'s arrays, or None; the key jax.random.key(seed));
+    with `ema`, its EMA starts at the params."""
 
-    def init(initial: Any) -> TrainState:
-        key = stream_key(seed, _INIT_STREAM)
+    def init(initial: Any, root: jax.Array) -> TrainState:
+        key = stream_key(root, _INIT_STREAM)
         variables = task.init_variables(key) if task.initial is None else task.init_variables(key, initial)
         params = variables["params"]
         extra = {k: v for k, v in variables.items() if k != "params"}
@@ -335,13 +359,13 @@ def _make_init(task: Task, tx: optax.GradientTransformation, seed: int,
 def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh, ema: bool = False) -> TrainState:
     """Initial state, replicated over the mesh; with `ema`, an EMA of the params beside them."""
     initial = None if task.initial is None else jax.device_put(task.initial, replicated(mesh))
-    return jax.jit(_make_init(task, tx, seed, ema), out_shardings=replicated(mesh))(initial)
+    return jax.jit(_make_init(task, tx, ema), out_shardings=replicated(mesh))(initial, jax.random.key(seed))
 
 
 def abstract_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ema: bool = False) -> TrainState:
     """init_state's shapes, dtypes and (replicated) shardings, from tracing alone: what a resume restores into,
     without compiling or running the initialisation."""
-    shapes = jax.eval_shape(_make_init(task, tx, 0, ema), task.initial)
+    shapes = jax.eval_shape(_make_init(task, tx, ema), task.initial, jax.random.key(0))
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated(mesh)), shapes)
 
 
