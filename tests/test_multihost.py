@@ -200,7 +200,7 @@ LOOP = """
 
 
 # Seconds without a heartbeat before JAX's coordination service declares a process dead (30 by default).
-HEARTBEAT = 10
+HEARTBEAT = 5
 
 
 @pytest.mark.multiprocess

@@ -119,12 +119,17 @@ def test_a_2_process_checkpoint_resumes_in_a_new_2_process_run_exactly(pretrain_
 
 # ----------------------------------------------------------------------------------------------- SIGTERM ----
 
-# Long enough that it is still running when the signal comes; checkpoints every 10 steps.
-ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 10, "log_every_steps": 5}
+# Long enough that it is still running when the signal comes; checkpoints every 10 steps. It continues a copy of the
+# 2 x 2 run (resume=True: the config differs), so neither process compiles an initialisation.
+ENDLESS = {**TINY_PRETRAIN, "total_steps": 100_000, "checkpoint_every_steps": 10, "log_every_steps": 5, "resume": True}
 
 
-def endless(workdir: Path, log_dir: Path) -> LocalRun:
-    """2 x 2 processes pre-training ENDLESS in `workdir`, returned once the checkpoint at step 10 is written."""
+def endless(pretrain_runs: dict[str, Path], workdir: Path, log_dir: Path) -> LocalRun:
+    """2 x 2 processes taking a copy of pretrain_runs' 2 x 2 run (step 4) on to ENDLESS's 100,000 steps in
+    `workdir`, returned once the checkpoint at step 10 is written."""
+    shutil.copytree(pretrain_runs["2x2"], workdir)
+    shutil.rmtree(workdir / "export")  # the finished run's: what a stopped run writes (nothing) is then plain
+    (workdir / "result.json").unlink()
     run = start(2, 2, main_argv("configs/pretrain.py:demo", workdir, ENDLESS), log_dir)
     deadline = time.monotonic() + TIMEOUT
     while not (workdir / "checkpoints" / "10").exists():
@@ -134,7 +139,7 @@ def endless(workdir: Path, log_dir: Path) -> LocalRun:
     return run
 
 
-def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path):
+def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(pretrain_runs, tmp_path):
     """launch/local.sh (like SLURM) sends SIGTERM to every process, not all at the same instant.
 
     Here process 1 gets it first and process 0 a second later. JAX's preemption service (loop._Stop) makes both
@@ -142,7 +147,7 @@ def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path)
     process, process 1 would stop alone and process 0 would wait for it in the next collective.
     """
     workdir = tmp_path / "run"
-    run = endless(workdir, tmp_path / "logs")
+    run = endless(pretrain_runs, workdir, tmp_path / "logs")
     run.procs[1].send_signal(signal.SIGTERM)
     time.sleep(1)
     if run.procs[0].poll() is None:
@@ -157,12 +162,12 @@ def test_sigterm_saves_one_checkpoint_at_a_step_all_processes_agree_on(tmp_path)
     assert int(csv_rows(workdir / "metrics.csv")[-1]["step"]) <= step
 
 
-def test_ctrl_c_on_one_process_stops_every_process_at_one_step(tmp_path):
+def test_ctrl_c_on_one_process_stops_every_process_at_one_step(pretrain_runs, tmp_path):
     """JAX's preemption service owns SIGTERM here; a Ctrl-C on process 1 alone reaches it as a SIGTERM from process
     1's own handler, so process 0 stops at the same step (the save is collective). Process 1 says so in one line,
     exit 130; process 0, which got no Ctrl-C, stops as on a SIGTERM (exit 0)."""
     workdir = tmp_path / "run"
-    run = endless(workdir, tmp_path / "logs")
+    run = endless(pretrain_runs, workdir, tmp_path / "logs")
     run.procs[1].send_signal(signal.SIGINT)
     first, second = run.wait(120)
     assert first.returncode == 0, run.tail(0)
