@@ -228,7 +228,7 @@ def test_a_full_disk_is_one_assert_one_error(tmp_path):
         pytest.skip("needs unshare(1) with user and mount namespaces to mount a small tmpfs")
     mount = tmp_path / "small"
     mount.mkdir()
-    overrides = " ".join(f"--config.{k}={v}" for k, v in {**TINY, "embed_dim": 64, "mlp_dim": 256}.items())
+    overrides = " ".join(f"--config.{k}={v}" for k, v in TINY.items())
     script = (f"mount -t tmpfs -o size=256k tmpfs {mount} && cd {ROOT} && {sys.executable} main.py "
               f"--config configs/pretrain.py:demo --workdir={mount}/run {overrides}; code=$?; "
               f"ls -a {mount}/run/checkpoints >&2; exit $code")
