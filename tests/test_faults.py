@@ -124,8 +124,9 @@ def test_a_second_run_in_a_locked_workdir_is_refused(tmp_path):
 
 def test_two_commands_at_once_one_is_refused_before_writing(tmp_path):
     workdir = tmp_path / "run"
-    slow = ["--config.render_size=64", "--config.image_size=32", "--config.batch_size=32", "--config.total_steps=600",
-            "--config.checkpoint_every_steps=1000", "--config.log_every_steps=10"]
+    # still compiling its step (its init is the tiny runs') or on its 600 steps when the second command starts
+    slow = [f"--config.{k}={v}" for k, v in {**TINY, "total_steps": 600, "checkpoint_every_steps": 1000,
+                                              "log_every_steps": 10}.items()]
     argv = [sys.executable, *main_argv("configs/pretrain.py:demo", workdir), *slow]
     proc = subprocess.Popen(argv, cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

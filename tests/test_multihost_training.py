@@ -1,10 +1,9 @@
 """Training stages under 2 processes x 2 CPU devices, through main.py, against 1 process x 4 devices.
 
-The 2 x 2 runs go through the multi-process harness of conftest (`LocalRun`). The 1 x 4 side of the pre-train is
-conftest's `four_device_pretrain_run`, trained in the test process (test_stages compares it with 1 device too); the
-other 1 x 4 sides are `LocalRun(1, 4, ...)`. Runs that do not depend on each other start together to keep the wall
-time down.
-"""
+The 2 x 2 runs go through the multi-process harness of conftest (`LocalRun`). The 1 x 4 sides run in the test
+process: conftest's `four_device_pretrain_run` (test_stages compares it with 1 device too) and
+`four_device_finetune_run` (test_stages' fine-tune), and the generate test's own, rendered while its 2 x 2 run
+renders. Runs that do not depend on each other start together to keep the wall time down."""
 
 from __future__ import annotations
 
@@ -27,9 +26,13 @@ from conftest import (
     csv_rows,
     main_argv,
 )
+from onepfrac_jax.configs import generate as generate_configs
 from PIL import Image
 from test_full_disk_and_rundir import leftovers
 
+from onepfrac_jax.config import apply_overrides
+from onepfrac_jax.parallel.mesh import make_data_mesh
+from onepfrac_jax.stages import generate
 from onepfrac_jax.train.checkpoint import load_variables
 
 GENERATE = {"seed": 2, "num_classes": 8, "image_size": 32, "pad": 2, "num_points": 2000, "classes_per_call": 8,
@@ -181,11 +184,12 @@ def test_ctrl_c_on_one_process_stops_every_process_at_one_step(pretrain_runs, tm
 # ---------------------------------------------------------------------------------------------- generate ----
 
 def test_generate_on_2_processes_writes_the_bank_of_1_process_and_process_0_alone_overwrites_it(tmp_path):
-    runs = {name: start(n, d, main_argv("configs/generate.py:demo", tmp_path / name, GENERATE),
-                        tmp_path / f"logs_{name}") for name, (n, d) in {"1x4": (1, 4), "2x2": (2, 2)}.items()}
-    for run in runs.values():
-        finish(run)
     one, two = tmp_path / "1x4", tmp_path / "2x2"
+    run = start(2, 2, main_argv("configs/generate.py:demo", two, GENERATE), tmp_path / "logs_2x2")
+    # meanwhile the 1 x 4 side in this process (test_multihost's class bank test has compiled its programs)
+    generate.run(apply_overrides(generate_configs.get_config("demo"), GENERATE), str(one),
+                 make_data_mesh(jax.devices()[:4]))
+    finish(run)
     params = json.loads((one / "params.json").read_text())
     assert any(c["redraws"] for c in params["classes"])  # the re-draw path ran
     assert json.loads((two / "params.json").read_text()) == params
@@ -200,7 +204,7 @@ def test_generate_on_2_processes_writes_the_bank_of_1_process_and_process_0_alon
     finish(start(2, 2, main_argv("configs/generate.py:demo", two, overwrite), tmp_path / "logs_overwrite"))
     assert json.loads((two / "config.json").read_text())["seed"] == 3
     assert json.loads((two / "params.json").read_text())["spec"]["seed"] == 3
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["1x4", "2x2", "logs_1x4", "logs_2x2", "logs_overwrite"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1x4", "2x2", "logs_2x2", "logs_overwrite"]
     assert leftovers(two) == []
 
 
