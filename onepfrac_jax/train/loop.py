@@ -359,7 +359,8 @@ def _make_init(task: Task, tx: optax.GradientTransformation,
 def init_state(task: Task, tx: optax.GradientTransformation, seed: int, mesh: Mesh, ema: bool = False) -> TrainState:
     """Initial state, replicated over the mesh; with `ema`, an EMA of the params beside them."""
     initial = None if task.initial is None else jax.device_put(task.initial, replicated(mesh))
-    return jax.jit(_make_init(task, tx, ema), out_shardings=replicated(mesh))(initial, jax.random.key(seed))
+    root = replicated_key(jax.random.key(seed), mesh)
+    return jax.jit(_make_init(task, tx, ema), out_shardings=replicated(mesh))(initial, root)
 
 
 def abstract_state(task: Task, tx: optax.GradientTransformation, mesh: Mesh, ema: bool = False) -> TrainState:
