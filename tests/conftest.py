@@ -249,19 +249,25 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def four_device_finetune_run(tiny_pretrain_run, image_folder, tmp_path_factory) -> Path:
-    """configs/finetune.py:imagefolder with TINY_FINETUNE on image_folder, from tiny_pretrain_run, on 4 devices of
-    this process."""
+def tiny_finetune_config(data_dir: Path, **overrides):
+    """configs/finetune.py:imagefolder with TINY_FINETUNE on the image folder `data_dir`; `overrides` by field."""
     from onepfrac_jax.configs import finetune as finetune_configs
 
     from onepfrac_jax.config import apply_overrides
+
+    c = apply_overrides(finetune_configs.get_config("imagefolder"), {**TINY_FINETUNE, "data.data_dir": str(data_dir)})
+    c.update(overrides)
+    return c
+
+
+@pytest.fixture(scope="session")
+def four_device_finetune_run(tiny_pretrain_run, image_folder, tmp_path_factory) -> Path:
+    """tiny_finetune_config on image_folder, from tiny_pretrain_run, on 4 devices of this process."""
     from onepfrac_jax.parallel.mesh import make_data_mesh
     from onepfrac_jax.stages import finetune
 
     workdir = tmp_path_factory.mktemp("four_device_finetune") / "run"
-    overrides = {**TINY_FINETUNE, "data.data_dir": str(image_folder), "init_from": str(tiny_pretrain_run)}
-    finetune.run(apply_overrides(finetune_configs.get_config("imagefolder"), overrides), str(workdir),
+    finetune.run(tiny_finetune_config(image_folder, init_from=str(tiny_pretrain_run)), str(workdir),
                  make_data_mesh(jax.devices()[:4]))
     return workdir
 

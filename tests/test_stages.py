@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from conftest import (
     ROOT,
-    TINY_FINETUNE,
     TINY_PRETRAIN,
     assert_one_error,
     clean_env,
@@ -22,12 +21,12 @@ from conftest import (
     main_argv,
     make_image_folder,
     run_cli,
+    tiny_finetune_config,
 )
-from onepfrac_jax.configs import finetune as finetune_configs
 from onepfrac_jax.configs import pretrain as pretrain_configs
 
 from onepfrac_jax import inference
-from onepfrac_jax.config import ConfigError, apply_overrides
+from onepfrac_jax.config import ConfigError
 from onepfrac_jax.data.augment import augment_config, eval_transform
 from onepfrac_jax.parallel.mesh import make_data_mesh
 from onepfrac_jax.stages import finetune, pretrain
@@ -180,14 +179,8 @@ def test_a_second_ctrl_c_exits_at_once_and_the_checkpoints_stay_usable(tmp_path)
     assert json.loads((workdir / "result.json").read_text())["step"] == 40
 
 
-def finetune_config(data_dir: Path, **overrides):
-    c = apply_overrides(finetune_configs.get_config("imagefolder"), {**TINY_FINETUNE, "data.data_dir": str(data_dir)})
-    c.update(overrides)
-    return c
-
-
 def test_finetune_from_a_pretrain_run_on_an_image_folder(four_device_finetune_run, image_folder):
-    workdir = four_device_finetune_run  # from tiny_pretrain_run, on 4 devices: finetune_config's run
+    workdir = four_device_finetune_run  # from tiny_pretrain_run, on 4 devices: tiny_finetune_config's run
     rows = csv_rows(workdir / "metrics.csv")
     assert [r["step"] for r in rows if r["val_top1"]] == ["3", "6"]  # one epoch = 3 steps of 8 from 24 images
     result = json.loads((workdir / "result.json").read_text())
@@ -198,7 +191,7 @@ def test_finetune_from_a_pretrain_run_on_an_image_folder(four_device_finetune_ru
     # inference.load serves the run: the same logits as the model on the eval transform
     predict = inference.load(workdir)
     images = np.random.default_rng(1).integers(0, 255, (3, 20, 20, 3), dtype=np.uint8)
-    config = finetune_config(image_folder)
+    config = tiny_finetune_config(image_folder)
     model = classify.build_vit(config, 3)
     expected = model.apply({"params": tuned}, eval_transform(augment_config(config.augment), jnp.asarray(images)))
     np.testing.assert_allclose(predict(images), expected, atol=1e-5)
@@ -207,17 +200,17 @@ def test_finetune_from_a_pretrain_run_on_an_image_folder(four_device_finetune_ru
 def test_finetune_bad_input(tiny_pretrain_run, tmp_path):
     make_image_folder(tmp_path / "data")
     with pytest.raises(ConfigError, match=r"does not exist"):
-        finetune.run(finetune_config(tmp_path / "missing"), str(tmp_path / "a"))
+        finetune.run(tiny_finetune_config(tmp_path / "missing"), str(tmp_path / "a"))
     with pytest.raises(ConfigError, match=r"cifar"):
-        finetune.run(finetune_config(tmp_path / "data", data={"name": "cifar"}), str(tmp_path / "b"))
+        finetune.run(tiny_finetune_config(tmp_path / "data", data={"name": "cifar"}), str(tmp_path / "b"))
     # a checkpoint of another architecture: the error lists the mismatched keys
     with pytest.raises(ConfigError, match=r"init_from=.* does not fit ViT\(.*wrong shape \(17\): "
                                           r"blocks.0.attn.proj.bias checkpoint \(32,\) vs model \(48,\)"):
-        finetune.run(finetune_config(tmp_path / "data", init_from=str(tiny_pretrain_run), depth=2, embed_dim=48),
+        finetune.run(tiny_finetune_config(tmp_path / "data", init_from=str(tiny_pretrain_run), depth=2, embed_dim=48),
                      str(tmp_path / "c"))
     (tmp_path / "empty" / "train").mkdir(parents=True)
     with pytest.raises(ConfigError, match=r"empty|no class"):
-        finetune.run(finetune_config(tmp_path / "empty"), str(tmp_path / "d"))
+        finetune.run(tiny_finetune_config(tmp_path / "empty"), str(tmp_path / "d"))
     for name in ("a", "b", "c", "d"):
         assert not (tmp_path / name).exists()
 
@@ -227,7 +220,7 @@ def test_a_corrupt_image_is_named_before_the_first_step(tmp_path):
     bad = tmp_path / "data" / "train" / "class_1" / "3.png"
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(ConfigError, match=r"1 of 24 images under .* cannot be decoded: .*class_1/3\.png"):
-        finetune.run(finetune_config(tmp_path / "data"), str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
+        finetune.run(tiny_finetune_config(tmp_path / "data"), str(tmp_path / "run"), make_data_mesh(jax.devices()[:1]))
     assert not (tmp_path / "run").exists()  # found at start-up, before the run directory was written
 
 
